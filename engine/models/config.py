@@ -1,0 +1,131 @@
+"""Model shapes: the MoE transformer family (Mixtral, Qwen2-MoE, DeepSeekMoE) and presets.
+
+Real presets feed FLOPs/memory planning; only `tiny-moe` is instantiated on CPU.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    num_experts: int = 8
+    top_k: int = 2
+    ffn_hidden_size: int = 128           # per routed expert
+    num_shared_experts: int = 0
+    shared_ffn_hidden_size: int = 0      # per shared expert
+    score_func: str = "softmax"          # "softmax" | "sigmoid"
+    pre_softmax: bool = False            # softmax over all experts before top-k (Mixtral: False)
+    norm_topk_prob: bool = True          # renormalise the k selected probabilities
+    aux_loss_type: str = "switch"        # "none" | "switch" | "seq"
+    aux_loss_coeff: float = 1e-2
+    z_loss_coeff: float = 0.0
+    expert_bias: bool = False            # aux-loss-free balancing (bias used for selection only)
+    bias_update_rate: float = 1e-3
+    capacity_factor: float | None = None  # None = dropless
+    drop_policy: str = "probs"           # "probs" | "position"
+    pad_to_capacity: bool = False
+
+    def __post_init__(self) -> None:
+        if self.score_func not in ("softmax", "sigmoid"):
+            raise ValueError(f"moe.score_func={self.score_func!r}: expected softmax or sigmoid")
+        if self.aux_loss_type not in ("none", "switch", "seq"):
+            raise ValueError(f"moe.aux_loss_type={self.aux_loss_type!r}: expected none, switch or seq")
+        if self.drop_policy not in ("probs", "position"):
+            raise ValueError(f"moe.drop_policy={self.drop_policy!r}: expected probs or position")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"moe.top_k={self.top_k}: must be in [1, num_experts={self.num_experts}]")
+        if self.capacity_factor is not None and self.capacity_factor <= 0:
+            raise ValueError(f"moe.capacity_factor={self.capacity_factor}: must be > 0 or null")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 512
+    hidden_size: int = 64
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int | None = None          # default hidden_size // num_heads
+    ffn_hidden_size: int = 128           # dense FFN layers
+    first_k_dense: int = 1               # the first k layers use a dense FFN
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    qkv_bias: bool = False
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    max_seq_len: int = 4096
+
+    def __post_init__(self) -> None:
+        for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"model.{key}={getattr(self, key)}: must be >= 1")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"model.num_kv_heads={self.num_kv_heads}: must divide num_heads={self.num_heads}")
+        if self.head_dim is None and self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"model.hidden_size={self.hidden_size}: not divisible by num_heads={self.num_heads}; "
+                "set model.head_dim")
+        if not 0 <= self.first_k_dense <= self.num_layers:
+            raise ValueError(f"model.first_k_dense={self.first_k_dense}: must be in [0, num_layers]")
+
+    @property
+    def dim_head(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_heads
+
+    def is_moe_layer(self, layer_id: int) -> bool:
+        return layer_id >= self.first_k_dense
+
+    @property
+    def num_moe_layers(self) -> int:
+        return self.num_layers - self.first_k_dense
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # Runs a training step in well under a second on one CPU core.
+    "tiny-moe": ModelConfig(
+        vocab_size=512, hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2,
+        ffn_hidden_size=128, first_k_dense=1, max_seq_len=1024,
+        moe=MoEConfig(num_experts=8, top_k=2, ffn_hidden_size=32,
+                      num_shared_experts=1, shared_ffn_hidden_size=32)),
+    # Mixtral 8x7B (Mistral AI model card).
+    "mixtral-8x7b": ModelConfig(
+        vocab_size=32000, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
+        ffn_hidden_size=14336, first_k_dense=0, rope_theta=1e6, max_seq_len=32768,
+        moe=MoEConfig(num_experts=8, top_k=2, ffn_hidden_size=14336)),
+    # Mixtral 8x22B.
+    "mixtral-8x22b": ModelConfig(
+        vocab_size=32768, hidden_size=6144, num_layers=56, num_heads=48, num_kv_heads=8,
+        ffn_hidden_size=16384, first_k_dense=0, rope_theta=1e6, max_seq_len=65536,
+        moe=MoEConfig(num_experts=8, top_k=2, ffn_hidden_size=16384)),
+    # Qwen2-57B-A14B: 64 routed experts top-8 plus one shared expert, no top-k renormalisation.
+    "qwen2-57b-a14b": ModelConfig(
+        vocab_size=151936, hidden_size=3584, num_layers=28, num_heads=28, num_kv_heads=4,
+        ffn_hidden_size=18944, first_k_dense=0, qkv_bias=True, rope_theta=1e6, norm_eps=1e-6,
+        max_seq_len=32768,
+        moe=MoEConfig(num_experts=64, top_k=8, ffn_hidden_size=2560, num_shared_experts=1,
+                      shared_ffn_hidden_size=20480, norm_topk_prob=False)),
+    # DeepSeekMoE-16B style fine-grained experts: 64 routed top-6, 2 shared, first layer dense.
+    "deepseek-moe-16b": ModelConfig(
+        vocab_size=102400, hidden_size=2048, num_layers=28, num_heads=16, num_kv_heads=16,
+        ffn_hidden_size=10944, first_k_dense=1, max_seq_len=4096,
+        moe=MoEConfig(num_experts=64, top_k=6, ffn_hidden_size=1408, num_shared_experts=2,
+                      shared_ffn_hidden_size=1408, norm_topk_prob=False)),
+}
+
+
+def get_preset(name: str, **overrides) -> ModelConfig:
+    """A preset with top-level or `moe_<field>` overrides (e.g. moe_num_experts=16)."""
+    if name not in PRESETS:
+        raise KeyError(f"model.preset={name!r}: unknown; known presets: {sorted(PRESETS)}")
+    base = PRESETS[name]
+    moe_fields = {f.name for f in fields(MoEConfig)}
+    moe_over = {k[4:]: v for k, v in overrides.items() if k.startswith("moe_") and k[4:] in moe_fields}
+    top_over = {k: v for k, v in overrides.items() if not (k.startswith("moe_") and k[4:] in moe_fields)}
+    unknown = set(top_over) - {f.name for f in fields(ModelConfig)}
+    if unknown:
+        raise KeyError(f"unknown model override(s) {sorted(unknown)}")
+    moe = replace(base.moe, **moe_over) if moe_over else base.moe
+    return replace(base, moe=moe, **top_over)

@@ -1,0 +1,50 @@
+"""TrainConfig: what one training run does, independent of the parallel layout."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PRECISIONS = ("fp32", "bf16")
+LR_DECAYS = ("cosine", "linear", "constant")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 20
+    global_batch_size: int = 8          # sequences per optimizer step, all DP ranks together
+    micro_batch_size: int = 1           # sequences per micro-batch per DP rank
+    seq_len: int = 128
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 2
+    lr_decay: str = "cosine"
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0              # 0 disables clipping
+    seed: int = 1234
+    precision: str = "fp32"
+    recompute: str = "none"             # none | selective | full | remat_aware
+    zero1: bool = False                 # shard optimizer state over dp x cp / edp
+    overlap_grad_reduce: bool = False   # launch bucket reductions from backward hooks
+    pipeline_schedule: str = "1f1b"     # gpipe | 1f1b | interleaved (when parallel.vpp > 1)
+
+    def __post_init__(self) -> None:
+        for key in ("steps", "global_batch_size", "micro_batch_size", "seq_len"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"train.{key}={getattr(self, key)}: must be >= 1")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"train.precision={self.precision!r}: expected one of {PRECISIONS}")
+        if self.lr_decay not in LR_DECAYS:
+            raise ValueError(f"train.lr_decay={self.lr_decay!r}: expected one of {LR_DECAYS}")
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ValueError(f"train.lr={self.lr}, train.min_lr={self.min_lr}: need 0 <= min_lr <= lr, lr > 0")
+
+    def num_microbatches(self, dp: int) -> int:
+        """Micro-batches per DP rank per step; errors name the keys involved."""
+        per_step = self.micro_batch_size * dp
+        if self.global_batch_size % per_step:
+            raise ValueError(
+                f"train.global_batch_size={self.global_batch_size} is not divisible by "
+                f"micro_batch_size*dp = {self.micro_batch_size}*{dp} = {per_step}")
+        return self.global_batch_size // per_step
