@@ -12,6 +12,7 @@ tags. A parameter with no tag is a dense replicated parameter.
 """
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 DENSE_AXES = ("dp_cp",)
@@ -48,3 +49,30 @@ def copy_attrs(src: nn.Parameter, dst: nn.Parameter) -> None:
     for key, value in vars(src).items():
         if key.startswith("foldmoe_"):
             setattr(dst, key, value)
+
+
+def add_slice(param: nn.Parameter, dim: int, start: int, length: int) -> None:
+    """Records that the local tensor is global[..., start:start+length, ...] along `dim`
+    (applied in order; parity tests and checkpoint metadata read it)."""
+    param.foldmoe_slices = tuple(getattr(param, "foldmoe_slices", ())) + ((dim, start, length),)
+
+
+def add_index_slice(param: nn.Parameter, dim: int, indices: list[int]) -> None:
+    """Like add_slice for a non-contiguous selection (e.g. replicated kv heads)."""
+    param.foldmoe_slices = tuple(getattr(param, "foldmoe_slices", ())) + ((dim, tuple(indices), None),)
+
+
+def apply_slices(full, slices):
+    """The part of the unsharded tensor `full` described by a list of recorded slices."""
+    out = full
+    for dim, start, length in slices:
+        if length is None:
+            out = out.index_select(dim, torch.tensor(start, dtype=torch.long))
+        else:
+            out = out.narrow(dim, start, length)
+    return out
+
+
+def global_slice(param: nn.Parameter, full: torch.Tensor) -> torch.Tensor:
+    """The part of the unsharded tensor `full` that this rank's `param` holds."""
+    return apply_slices(full, getattr(param, "foldmoe_slices", ()))

@@ -1,0 +1,60 @@
+"""From the global batch of a step to this rank's micro-batches.
+
+Every rank receives the same global batch [B, s+1] (data order is a function of
+(seed, step) only). Micro-batch m of DP rank d takes sequences
+[(m*dp + d)*mbs, (m*dp + d + 1)*mbs): the m-th *global* micro-batch is then the same
+contiguous set of sequences for any dp with the same dp*mbs, which keeps the MoE
+statistics (computed per global micro-batch) layout-independent.
+Under CP each rank keeps its zigzag chunks (r and 2cp-1-r) with their true positions.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.parallel.mesh import FoldedMesh
+
+
+@dataclass
+class MicroBatch:
+    inputs: torch.Tensor      # [mbs, s_local] token ids
+    labels: torch.Tensor      # [mbs, s_local]
+    positions: torch.Tensor   # [mbs, s_local] global positions (RoPE)
+
+    def as_dict(self) -> dict[str, torch.Tensor]:
+        return {"inputs": self.inputs, "labels": self.labels, "positions": self.positions}
+
+
+def zigzag_positions(seq_len: int, cp: int, cp_rank: int) -> torch.Tensor:
+    """Global positions held by CP rank r: chunks r and 2cp-1-r of 2cp equal chunks
+    (causal load balance: every rank gets one early and one late chunk)."""
+    if cp == 1:
+        return torch.arange(seq_len)
+    if seq_len % (2 * cp):
+        raise ValueError(
+            f"train.seq_len={seq_len} must be divisible by 2*parallel.cp = {2 * cp} for zigzag CP")
+    chunk = seq_len // (2 * cp)
+    first = torch.arange(cp_rank * chunk, (cp_rank + 1) * chunk)
+    second = torch.arange((2 * cp - 1 - cp_rank) * chunk, (2 * cp - cp_rank) * chunk)
+    return torch.cat([first, second])
+
+
+def split_microbatches(global_tokens: torch.Tensor, mesh: FoldedMesh, micro_batch_size: int,
+                       num_microbatches: int, device: torch.device) -> list[MicroBatch]:
+    dp, dp_rank = mesh.config.dp, mesh.rank_in("dp")
+    expected = dp * micro_batch_size * num_microbatches
+    if global_tokens.dim() != 2 or global_tokens.shape[0] != expected:
+        raise ValueError(
+            f"global batch has shape {tuple(global_tokens.shape)}; expected [{expected}, seq_len + 1]")
+    seq_len = global_tokens.shape[1] - 1
+    positions = zigzag_positions(seq_len, mesh.config.cp, mesh.rank_in("cp"))
+    out = []
+    for m in range(num_microbatches):
+        start = (m * dp + dp_rank) * micro_batch_size
+        rows = global_tokens[start:start + micro_batch_size]
+        out.append(MicroBatch(
+            inputs=rows[:, :-1][:, positions].to(device),
+            labels=rows[:, 1:][:, positions].to(device),
+            positions=positions.expand(micro_batch_size, -1).to(device)))
+    return out

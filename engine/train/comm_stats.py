@@ -1,0 +1,44 @@
+"""Bytes sent per step along each mesh axis, read from the counters of the modules that
+communicate (dispatchers, TP regions, CP cores, pipeline p2p) and the optimizer."""
+from __future__ import annotations
+
+from engine.moe import moe_comm_bytes
+
+
+def _tp_bytes(trainer) -> int:
+    # one TPComm may be shared by several modules: count each object once
+    seen, total = set(), 0
+    for chunk in trainer.chunks:
+        for module in chunk.modules():
+            comm = getattr(module, "tp_comm", None)
+            if comm is not None and id(comm) not in seen:
+                seen.add(id(comm))
+                total += comm.bytes_sent
+    return total
+
+
+def _cp_bytes(trainer) -> int:
+    total = 0
+    for chunk in trainer.chunks:
+        for block in chunk.layers.values():
+            total += getattr(block.attention.core, "bytes_sent", 0)
+    return total
+
+
+def _pp_bytes(trainer) -> int:
+    return getattr(trainer.executor, "bytes_sent", 0) if trainer.executor is not None else 0
+
+
+def collect_comm_bytes(trainer, since: dict | None = None, dp_bytes: dict | int | None = None) -> dict:
+    now = {"comm_bytes_ep": float(moe_comm_bytes(trainer.chunks)),
+           "comm_bytes_tp": float(_tp_bytes(trainer)),
+           "comm_bytes_cp": float(_cp_bytes(trainer)),
+           "comm_bytes_pp": float(_pp_bytes(trainer))}
+    if since is None:
+        return now
+    out = {k: v - since.get(k, 0.0) for k, v in now.items()}
+    if isinstance(dp_bytes, dict):
+        out["comm_bytes_dp"] = float(sum(dp_bytes.values()))
+    else:
+        out["comm_bytes_dp"] = float(dp_bytes or 0)
+    return out

@@ -1,0 +1,72 @@
+"""What a rank puts in a checkpoint: its model shards (params and buffers), its optimizer
+shard, RNG states and the step. Shard metadata records where each local tensor sits in
+the global tensor, for inspection and future resharding."""
+from __future__ import annotations
+
+import torch
+
+from engine.parallel.param_attrs import is_expert, is_tp_sharded, reduce_axes
+
+_LAYOUT_KEYS = ("world_size", "tp", "cp", "pp", "ep", "etp", "vpp")
+
+
+def layout_of(trainer) -> dict:
+    cfg = trainer.parallel_cfg
+    return {key: getattr(cfg, key) for key in _LAYOUT_KEYS}
+
+
+def _shard_info(trainer, name: str, tensor: torch.Tensor, param) -> dict:
+    mesh = trainer.mesh
+    info = {"local_shape": list(tensor.shape), "axes": list(reduce_axes(param)) if param is not None else []}
+    if param is not None and is_expert(param):
+        info.update(expert_dim=0, expert_offset=mesh.rank_in("ep") * tensor.shape[0],
+                    etp_rank=mesh.rank_in("etp"))
+    if param is not None and is_tp_sharded(param):
+        info.update(tp_dim=getattr(param, "foldmoe_tp_dim", None), tp_rank=mesh.rank_in("tp"))
+    return info
+
+
+def checkpoint_state(trainer) -> dict:
+    tensors, shards = {}, {}
+    for chunk in trainer.chunks:
+        params = dict(chunk.named_parameters())
+        for name, tensor in chunk.state_dict().items():
+            key = f"model/{name}"
+            tensors[key] = tensor.detach().cpu().contiguous()
+            shards[key] = _shard_info(trainer, name, tensor, params.get(name))
+    optim = trainer.optimizer.state_dict()
+    optim_scalars = {}
+    for name, value in optim.items():
+        if isinstance(value, torch.Tensor):
+            tensors[f"optim/{name}"] = value.detach().cpu().contiguous()
+        else:
+            optim_scalars[name] = value
+    tensors["rng/torch_cpu"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors["rng/torch_cuda"] = torch.cuda.get_rng_state()
+    meta = {"step": int(getattr(trainer, "completed_steps", 0)), "layout": layout_of(trainer),
+            "optim_scalars": optim_scalars, "rank": trainer.mesh.rank}
+    return {"tensors": tensors, "shards": shards, "meta": meta}
+
+
+def load_checkpoint_state(trainer, state: dict) -> None:
+    saved, current = state["meta"]["layout"], layout_of(trainer)
+    if saved != current:
+        diff = {k: (saved.get(k), current[k]) for k in current if saved.get(k) != current[k]}
+        raise ValueError(
+            f"checkpoint layout {diff} (saved, current) differs from this run; resuming with a "
+            "different world size or layout is not supported yet")
+    tensors = state["tensors"]
+    for chunk in trainer.chunks:
+        own = chunk.state_dict()
+        missing = [n for n in own if f"model/{n}" not in tensors]
+        if missing:
+            raise ValueError(f"checkpoint lacks {len(missing)} model tensors, e.g. {missing[:3]}")
+        chunk.load_state_dict({n: tensors[f"model/{n}"].to(own[n].dtype) for n in own})
+    optim = {k[len("optim/"):]: v for k, v in tensors.items() if k.startswith("optim/")}
+    optim.update(state["meta"].get("optim_scalars", {}))
+    trainer.optimizer.load_state_dict(optim)
+    torch.set_rng_state(tensors["rng/torch_cpu"])
+    if "rng/torch_cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng/torch_cuda"])
+    trainer.completed_steps = int(state["meta"]["step"])

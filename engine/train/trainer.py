@@ -1,0 +1,120 @@
+"""The engine-level training step: micro-batches -> forward/backward -> grad sync ->
+clip -> AdamW. Runs under the test harness, torchrun and the Ray worker alike.
+
+Loss normalisation: each rank's LM loss is its local CE sum divided by the number of
+tokens in the whole global batch, so every gradient reduction is a SUM (see
+engine/parallel/param_attrs.py) and any layout equals one process.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+
+from engine.metrics import model_flops_per_iteration
+from engine.models.config import ModelConfig
+from engine.moe import moe_comm_bytes, moe_stats, update_expert_biases
+from engine.optim import FoldedOptimizer
+from engine.parallel.config import ParallelConfig
+from engine.parallel.mesh import FoldedMesh
+from engine.parallel.parallelize import build_chunks, named_parameters
+from engine.train.batch import split_microbatches
+from engine.train.comm_stats import collect_comm_bytes
+from engine.train.config import TrainConfig
+from engine.train.loss import lm_loss_fn
+from engine.train.state import checkpoint_state, load_checkpoint_state
+
+
+class Trainer:
+    def __init__(self, model_cfg: ModelConfig, parallel_cfg: ParallelConfig, train_cfg: TrainConfig,
+                 mesh: FoldedMesh, *, dispatcher: str = "alltoall", attention_backend: str = "auto",
+                 device: torch.device | None = None):
+        parallel_cfg.validate_for_model(
+            num_heads=model_cfg.num_heads, num_kv_heads=model_cfg.num_kv_heads,
+            num_experts=model_cfg.moe.num_experts, num_layers=model_cfg.num_layers,
+            vocab_size=model_cfg.vocab_size)
+        self.model_cfg, self.parallel_cfg, self.train_cfg = model_cfg, parallel_cfg, train_cfg
+        self.mesh = mesh
+        self.device = device or torch.device("cpu")
+        self.num_microbatches = train_cfg.num_microbatches(parallel_cfg.dp)
+        torch.manual_seed(train_cfg.seed)
+        self.chunks = [c.to(self.device) for c in build_chunks(
+            model_cfg, mesh, seed=train_cfg.seed, dispatcher=dispatcher,
+            attention_backend=attention_backend, precision=train_cfg.precision,
+            recompute=train_cfg.recompute)]
+        self.named_params = named_parameters(self.chunks)
+        self.optimizer = FoldedOptimizer(self.named_params, mesh, train_cfg)
+        self.on_grads_synced = None   # test hook: called with the trainer after grad sync
+        self.global_tokens = train_cfg.global_batch_size * train_cfg.seq_len
+        self.model_flops = model_flops_per_iteration(
+            model_cfg, train_cfg.global_batch_size, train_cfg.seq_len)
+        self.completed_steps = 0
+        self.executor = None
+        if parallel_cfg.pp > 1:
+            from engine.train.pipeline_setup import build_executor
+            self.executor = build_executor(self)
+        for chunk in self.chunks:
+            for layer in chunk.moe_layers():
+                layer.aux_loss_scale = 1.0 / self.num_microbatches
+
+    def loss_fn(self, logits: torch.Tensor, microbatch: dict) -> torch.Tensor:
+        return lm_loss_fn(logits, microbatch["labels"], self.mesh) / self.global_tokens
+
+    def _forward_backward(self, microbatches) -> torch.Tensor:
+        """Sum over micro-batches of this rank's normalised LM loss (0 off the last stage)."""
+        if self.executor is not None:
+            losses = self.executor.run([mb.as_dict() for mb in microbatches])
+            return sum((l for l in losses if l is not None), torch.zeros(()))
+        (chunk,) = self.chunks
+        total = torch.zeros(())
+        for mb in microbatches:
+            logits = chunk(mb.inputs, mb.positions)
+            loss = self.loss_fn(logits, mb.as_dict())
+            loss.backward()
+            total += loss.detach().float().cpu()
+        return total
+
+    def train_step(self, step: int, global_tokens: torch.Tensor) -> dict[str, float]:
+        """One optimizer step on the whole global batch of `step` (same tensor on all ranks)."""
+        start = time.perf_counter()
+        for chunk in self.chunks:
+            chunk.train()
+        microbatches = split_microbatches(global_tokens, self.mesh, self.train_cfg.micro_batch_size,
+                                          self.num_microbatches, self.device)
+        comm_before = collect_comm_bytes(self)
+        self.optimizer.prepare_for_backward(self.num_microbatches)
+        lm_loss = self._forward_backward(microbatches)
+        dp_bytes = self.optimizer.finish_grad_sync()
+        if self.on_grads_synced is not None:
+            self.on_grads_synced(self)
+        grad_norm = self.optimizer.clip_grad_norm(self.train_cfg.grad_clip)
+        lr = self.optimizer.step(step)
+        update_expert_biases(self.chunks)
+        metrics = self._step_metrics(lm_loss, grad_norm, lr)
+        metrics.update(collect_comm_bytes(self, since=comm_before, dp_bytes=dp_bytes))
+        metrics["step_time_s"] = time.perf_counter() - start
+        self.completed_steps = step + 1
+        return metrics
+
+    def _step_metrics(self, lm_loss: torch.Tensor, grad_norm: float, lr: float) -> dict[str, float]:
+        stats = moe_stats(self.chunks)
+        # LM loss: sum over dp x cp (replicated over tp), then over pp (0 off the last stage).
+        # MoE statistics are already global per stage; layers of other stages are summed over pp.
+        values = torch.tensor([lm_loss.item(), stats["aux_loss"], stats["z_loss"]], dtype=torch.float64)
+        dist.all_reduce(values[:1], group=self.mesh.group("dp_cp"))
+        dist.all_reduce(values, group=self.mesh.group("pp"))
+        lm, aux, z = values.tolist()
+        shared = torch.tensor([stats["dropped_token_fraction"], stats["load_imbalance"]],
+                              dtype=torch.float64)
+        dist.all_reduce(shared, op=dist.ReduceOp.MAX, group=self.mesh.group("pp"))
+        return {"loss": lm + aux + z, "lm_loss": lm, "aux_loss": aux, "z_loss": z,
+                "grad_norm": float(grad_norm), "lr": float(lr), "tokens": float(self.global_tokens),
+                "dropped_token_fraction": shared[0].item(), "load_imbalance": shared[1].item(),
+                "model_flops": float(self.model_flops)}
+
+    def checkpoint_state(self) -> dict:
+        return checkpoint_state(self)
+
+    def load_checkpoint_state(self, state: dict) -> None:
+        load_checkpoint_state(self, state)
