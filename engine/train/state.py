@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from engine.checkpoint import capture_rng_state, restore_rng_state
 from engine.parallel.param_attrs import is_expert, is_tp_sharded, reduce_axes
 
 _LAYOUT_KEYS = ("world_size", "tp", "cp", "pp", "ep", "etp", "vpp")
@@ -41,9 +42,7 @@ def checkpoint_state(trainer) -> dict:
             tensors[f"optim/{name}"] = value.detach().cpu().contiguous()
         else:
             optim_scalars[name] = value
-    tensors["rng/torch_cpu"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        tensors["rng/torch_cuda"] = torch.cuda.get_rng_state()
+    tensors.update(capture_rng_state())
     meta = {"step": int(getattr(trainer, "completed_steps", 0)), "layout": layout_of(trainer),
             "optim_scalars": optim_scalars, "rank": trainer.mesh.rank}
     return {"tensors": tensors, "shards": shards, "meta": meta}
@@ -66,7 +65,5 @@ def load_checkpoint_state(trainer, state: dict) -> None:
     optim = {k[len("optim/"):]: v for k, v in tensors.items() if k.startswith("optim/")}
     optim.update(state["meta"].get("optim_scalars", {}))
     trainer.optimizer.load_state_dict(optim)
-    torch.set_rng_state(tensors["rng/torch_cpu"])
-    if "rng/torch_cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng/torch_cuda"])
+    restore_rng_state({k: v for k, v in tensors.items() if k.startswith("rng/")})
     trainer.completed_steps = int(state["meta"]["step"])

@@ -1,0 +1,217 @@
+"""Sharded checkpoints: one safetensors file per rank, a SHA-256 manifest, atomic publish.
+
+Layout of `root` (a directory visible to every rank):
+    step00000020/manifest.json            world size, layout, SHA-256 + size of every file
+    step00000020/rank00000.safetensors    rank 0's tensors (never pickle)
+    step00000020/rank00000.json           rank 0's "shards" and "meta"
+    step00000020/rank00000.sha256.json    rank 0's own hashes, merged by rank 0 into the manifest
+    .tmp-step00000030/                    a save in progress (or killed): ignored, cleaned later
+A checkpoint is complete iff its directory is named stepNNNNNNNN and holds manifest.json;
+rank 0 writes the manifest only after every rank's files are on disk, then renames.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .files import (file_record, fsync_dir, fsync_file, read_json, rename_durable, sha256_file,
+                    write_json_durable)
+
+FORMAT = "foldmoe-sharded-checkpoint"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+_STEP_DIR = re.compile(r"step(\d{8,})")
+_TMP_PREFIX = ".tmp-step"
+_OLD_PREFIX = ".old-step"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is corrupt, incomplete, or does not fit this run."""
+
+
+def step_dir_name(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def rank_file_names(rank: int) -> tuple[str, str]:
+    return f"rank{rank:05d}.safetensors", f"rank{rank:05d}.json"
+
+
+class CheckpointManager:
+    """Saves and loads this rank's part of a sharded checkpoint under `root_dir`.
+
+    keep: number of newest complete checkpoints kept (0 keeps all).
+    barrier: blocks until every rank arrives (e.g. `torch.distributed.barrier`).
+    """
+
+    def __init__(self, root_dir: str, keep: int, rank: int, world_size: int,
+                 barrier: Callable[[], None]):
+        if keep < 0:
+            raise ValueError(f"keep={keep}: must be >= 0 (0 keeps every checkpoint)")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} is outside world_size={world_size}")
+        self.root = os.path.abspath(root_dir)
+        self.keep, self.rank, self.world_size, self.barrier = keep, rank, world_size, barrier
+        os.makedirs(self.root, exist_ok=True)
+
+    # ---- save ----------------------------------------------------------------------------
+
+    def save(self, step: int, state: dict) -> str:
+        """Writes this rank's state; returns the published directory (on every rank)."""
+        tmp = os.path.join(self.root, f"{_TMP_PREFIX}{step:08d}")
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a killed save of this step
+            os.makedirs(tmp)
+        self.barrier()
+        self._write_rank_files(tmp, state)
+        self.barrier()
+        final = os.path.join(self.root, step_dir_name(step))
+        if self.rank == 0:
+            self._write_manifest(tmp, step)
+            self._publish(tmp, final)
+        self.barrier()
+        if self.rank == 0:
+            self._prune()
+        return final
+
+    def _write_rank_files(self, tmp: str, state: dict) -> None:
+        tensor_name, json_name = rank_file_names(self.rank)
+        tensor_path, json_path = os.path.join(tmp, tensor_name), os.path.join(tmp, json_name)
+        save_file(_storable(state["tensors"]), tensor_path)
+        fsync_file(tensor_path)
+        write_json_durable(json_path, {"rank": self.rank, "shards": state.get("shards", {}),
+                                       "meta": state.get("meta", {})})
+        # Each rank hashes its own files (in parallel); rank 0 only merges the records.
+        write_json_durable(os.path.join(tmp, f"rank{self.rank:05d}.sha256.json"), {
+            "layout": state.get("meta", {}).get("layout"),
+            "files": {tensor_name: file_record(tensor_path), json_name: file_record(json_path)}})
+
+    def _write_manifest(self, tmp: str, step: int) -> None:
+        files, layouts = {}, []
+        for rank in range(self.world_size):
+            record_path = os.path.join(tmp, f"rank{rank:05d}.sha256.json")
+            if not os.path.isfile(record_path):
+                raise CheckpointError(f"{record_path}: missing after the barrier; rank {rank} "
+                                      f"did not write its part of step {step}")
+            record = read_json(record_path)
+            files.update(record["files"])
+            layouts.append(record["layout"])
+        if any(layout != layouts[0] for layout in layouts):
+            raise CheckpointError(f"step {step}: ranks report different layouts {layouts}")
+        write_json_durable(os.path.join(tmp, MANIFEST), {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "step": step,
+            "world_size": self.world_size, "layout": layouts[0], "files": files,
+            "created_unix": time.time()})
+        fsync_dir(tmp)
+
+    def _publish(self, tmp: str, final: str) -> None:
+        """Atomic rename; a complete checkpoint of the same step is replaced, not merged."""
+        old = None
+        if os.path.exists(final):
+            old = os.path.join(self.root, f"{_OLD_PREFIX}{os.path.basename(final)[4:]}")
+            shutil.rmtree(old, ignore_errors=True)
+            rename_durable(final, old)
+        rename_durable(tmp, final)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _prune(self) -> None:
+        """Deletes leftovers (temp, replaced, manifest-less) and all but the newest `keep`."""
+        complete = {path for _, path in self.checkpoints()}
+        doomed = [os.path.join(self.root, name) for name in os.listdir(self.root)
+                  if name.startswith((_TMP_PREFIX, _OLD_PREFIX))
+                  or (_STEP_DIR.fullmatch(name) and os.path.join(self.root, name) not in complete)]
+        if self.keep:
+            doomed += [path for _, path in self.checkpoints()[:-self.keep]]
+        for path in doomed:
+            shutil.rmtree(path, ignore_errors=True)
+
+    # ---- find and load ---------------------------------------------------------------------
+
+    def checkpoints(self) -> list[tuple[int, str]]:
+        """Complete checkpoints as (step, path), oldest first."""
+        found = []
+        for name in os.listdir(self.root):
+            match = _STEP_DIR.fullmatch(name)
+            path = os.path.join(self.root, name)
+            if match and os.path.isfile(os.path.join(path, MANIFEST)):
+                found.append((int(match.group(1)), path))
+        return sorted(found)
+
+    def latest(self) -> str | None:
+        """The newest complete checkpoint, or None."""
+        found = self.checkpoints()
+        return found[-1][1] if found else None
+
+    def load(self, path: str, rank: int | None = None, *, layout: dict | None = None) -> dict:
+        """This rank's {"tensors", "shards", "meta"} after verifying hashes, world size, layout.
+
+        layout: the current run's layout; when given, it must equal the saved one.
+        """
+        rank = self.rank if rank is None else rank
+        manifest = self._read_manifest(path)
+        self._check_fits(path, manifest, layout)
+        tensor_name, json_name = rank_file_names(rank)
+        for name in (tensor_name, json_name):
+            _verify_file(path, name, manifest)
+        side = read_json(os.path.join(path, json_name))
+        return {"tensors": load_file(os.path.join(path, tensor_name)),
+                "shards": side["shards"], "meta": side["meta"]}
+
+    def _read_manifest(self, path: str) -> dict:
+        manifest_path = os.path.join(path, MANIFEST)
+        if not os.path.isfile(manifest_path):
+            raise CheckpointError(f"{path}: no {MANIFEST}; the checkpoint is incomplete (killed "
+                                  "mid-save?) and cannot be loaded")
+        manifest = read_json(manifest_path)
+        if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+            raise CheckpointError(f"{manifest_path}: format {manifest.get('format')!r} version "
+                                  f"{manifest.get('format_version')!r}; expected {FORMAT!r} "
+                                  f"version {FORMAT_VERSION}")
+        return manifest
+
+    def _check_fits(self, path: str, manifest: dict, layout: dict | None) -> None:
+        if manifest["world_size"] != self.world_size:
+            raise CheckpointError(
+                f"{path} was written by world size {manifest['world_size']}, this run has "
+                f"{self.world_size}; loading needs the same world size and layout (no resharding)")
+        if layout is not None and manifest["layout"] != layout:
+            raise CheckpointError(f"{path}: parallel layout differs from this run: "
+                                  f"{describe_layout_diff(manifest['layout'], layout)}")
+
+
+def describe_layout_diff(saved: dict | None, current: dict) -> str:
+    """'key: saved=X, this run=Y' for each differing key."""
+    saved = saved or {}
+    keys = sorted(set(saved) | set(current), key=str)
+    return "; ".join(f"{key}: saved={saved.get(key)!r}, this run={current.get(key)!r}"
+                     for key in keys if saved.get(key) != current.get(key))
+
+
+def _verify_file(path: str, name: str, manifest: dict) -> None:
+    file_path = os.path.join(path, name)
+    expected = manifest["files"].get(name)
+    if expected is None or not os.path.isfile(file_path):
+        raise CheckpointError(f"{file_path}: missing from the checkpoint or its manifest")
+    actual = sha256_file(file_path)
+    if actual != expected["sha256"]:
+        raise CheckpointError(f"{file_path}: SHA-256 mismatch (manifest {expected['sha256']}, "
+                              f"file {actual}); the file is corrupt or was modified")
+
+
+def _storable(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU, contiguous, no two entries sharing storage (safetensors refuses aliasing)."""
+    out, seen = {}, set()
+    for name, tensor in tensors.items():
+        tensor = tensor.detach().cpu().contiguous()
+        if tensor.numel() and tensor.untyped_storage().data_ptr() in seen:
+            tensor = tensor.clone()
+        seen.add(tensor.untyped_storage().data_ptr())
+        out[name] = tensor
+    return out
