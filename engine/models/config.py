@@ -100,19 +100,19 @@ PRESETS: dict[str, ModelConfig] = {
         vocab_size=32768, hidden_size=6144, num_layers=56, num_heads=48, num_kv_heads=8,
         ffn_hidden_size=16384, first_k_dense=0, rope_theta=1e6, max_seq_len=65536,
         moe=MoEConfig(num_experts=8, top_k=2, ffn_hidden_size=16384)),
-    # Qwen2-57B-A14B: 64 routed experts top-8 plus one shared expert, no top-k renormalisation.
+    # Qwen2-57B-A14B: softmax over all 64 experts, top-8 without renormalisation, one shared expert.
     "qwen2-57b-a14b": ModelConfig(
         vocab_size=151936, hidden_size=3584, num_layers=28, num_heads=28, num_kv_heads=4,
         ffn_hidden_size=18944, first_k_dense=0, qkv_bias=True, rope_theta=1e6, norm_eps=1e-6,
         max_seq_len=32768,
         moe=MoEConfig(num_experts=64, top_k=8, ffn_hidden_size=2560, num_shared_experts=1,
-                      shared_ffn_hidden_size=20480, norm_topk_prob=False)),
+                      shared_ffn_hidden_size=20480, pre_softmax=True, norm_topk_prob=False)),
     # DeepSeekMoE-16B style fine-grained experts: 64 routed top-6, 2 shared, first layer dense.
     "deepseek-moe-16b": ModelConfig(
         vocab_size=102400, hidden_size=2048, num_layers=28, num_heads=16, num_kv_heads=16,
         ffn_hidden_size=10944, first_k_dense=1, max_seq_len=4096,
         moe=MoEConfig(num_experts=64, top_k=6, ffn_hidden_size=1408, num_shared_experts=2,
-                      shared_ffn_hidden_size=1408, norm_topk_prob=False)),
+                      shared_ffn_hidden_size=1408, pre_softmax=True, norm_topk_prob=False)),
 }
 
 

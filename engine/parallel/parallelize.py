@@ -52,9 +52,10 @@ def parallelize_chunk(chunk: MoETransformer, mesh: FoldedMesh, *, dispatcher: st
     if config.world_size > 1 and chunk.moe_layers():
         from engine.moe.parallelize import parallelize_moe
         parallelize_moe(chunk, mesh, dispatcher=dispatcher)
+    chunk.tp_comm = None   # byte counter shared by this chunk's TP regions and its loss
     if config.tp > 1:
         from engine.tensor_parallel.plan import parallelize_tp
-        parallelize_tp(chunk, mesh)
+        chunk.tp_comm = parallelize_tp(chunk, mesh)
     _install_attention_cores(chunk, mesh, attention_backend)
     _tag_tied_embedding(chunk, mesh)
 

@@ -2,19 +2,11 @@
 communicate (dispatchers, TP regions, CP cores, pipeline p2p) and the optimizer."""
 from __future__ import annotations
 
-from engine.moe import moe_comm_bytes
+from engine.moe.tracking import moe_comm_bytes
 
 
 def _tp_bytes(trainer) -> int:
-    # one TPComm may be shared by several modules: count each object once
-    seen, total = set(), 0
-    for chunk in trainer.chunks:
-        for module in chunk.modules():
-            comm = getattr(module, "tp_comm", None)
-            if comm is not None and id(comm) not in seen:
-                seen.add(id(comm))
-                total += comm.bytes_sent
-    return total
+    return sum(c.tp_comm.bytes_sent for c in trainer.chunks if c.tp_comm is not None)
 
 
 def _cp_bytes(trainer) -> int:

@@ -6,13 +6,11 @@ the vocab-parallel CE never gathers them; the result is replicated on the TP ran
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from engine.parallel.mesh import FoldedMesh
+from engine.tensor_parallel.loss import tp_loss
 
 
-def lm_loss_fn(logits_bsv: torch.Tensor, labels_bs: torch.Tensor, mesh: FoldedMesh) -> torch.Tensor:
-    if mesh.config.tp > 1:
-        from engine.tensor_parallel.loss import tp_loss
-        return tp_loss(logits_bsv, labels_bs, mesh).sum()
-    return F.cross_entropy(logits_bsv.float().flatten(0, 1), labels_bs.flatten(), reduction="sum")
+def lm_loss_fn(logits_bsv: torch.Tensor, labels_bs: torch.Tensor, mesh: FoldedMesh,
+               tp_comm=None) -> torch.Tensor:
+    return tp_loss(logits_bsv, labels_bs, mesh, comm=tp_comm).sum()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from engine.checkpoint import capture_rng_state, restore_rng_state
-from engine.parallel.param_attrs import is_expert, is_tp_sharded, reduce_axes
+from engine.parallel.param_attrs import is_expert, reduce_axes
 
 _LAYOUT_KEYS = ("world_size", "tp", "cp", "pp", "ep", "etp", "vpp")
 
@@ -16,15 +16,14 @@ def layout_of(trainer) -> dict:
     return {key: getattr(cfg, key) for key in _LAYOUT_KEYS}
 
 
-def _shard_info(trainer, name: str, tensor: torch.Tensor, param) -> dict:
-    mesh = trainer.mesh
-    info = {"local_shape": list(tensor.shape), "axes": list(reduce_axes(param)) if param is not None else []}
-    if param is not None and is_expert(param):
-        info.update(expert_dim=0, expert_offset=mesh.rank_in("ep") * tensor.shape[0],
-                    etp_rank=mesh.rank_in("etp"))
-    if param is not None and is_tp_sharded(param):
-        info.update(tp_dim=getattr(param, "foldmoe_tp_dim", None), tp_rank=mesh.rank_in("tp"))
-    return info
+def _shard_info(name: str, tensor: torch.Tensor, param) -> dict:
+    """Where the local tensor sits in the global one: the recorded slices, applied in order."""
+    if param is None:   # buffers (e.g. expert bias) are replicated
+        return {"local_shape": list(tensor.shape), "slices": [], "axes": []}
+    slices = [[d, list(s) if isinstance(s, tuple) else s, n]
+              for d, s, n in getattr(param, "foldmoe_slices", ())]
+    return {"local_shape": list(tensor.shape), "slices": slices, "axes": list(reduce_axes(param)),
+            "expert": is_expert(param)}
 
 
 def checkpoint_state(trainer) -> dict:
@@ -34,7 +33,7 @@ def checkpoint_state(trainer) -> dict:
         for name, tensor in chunk.state_dict().items():
             key = f"model/{name}"
             tensors[key] = tensor.detach().cpu().contiguous()
-            shards[key] = _shard_info(trainer, name, tensor, params.get(name))
+            shards[key] = _shard_info(name, tensor, params.get(name))
     optim = trainer.optimizer.state_dict()
     optim_scalars = {}
     for name, value in optim.items():

@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from engine.metrics import model_flops_per_iteration
 from engine.models.config import ModelConfig
-from engine.moe import moe_comm_bytes, moe_stats, update_expert_biases
+from engine.moe.tracking import moe_stats, set_aux_loss_scale, update_expert_biases
 from engine.optim import FoldedOptimizer
 from engine.parallel.config import ParallelConfig
 from engine.parallel.mesh import FoldedMesh
@@ -54,12 +54,12 @@ class Trainer:
         if parallel_cfg.pp > 1:
             from engine.train.pipeline_setup import build_executor
             self.executor = build_executor(self)
-        for chunk in self.chunks:
-            for layer in chunk.moe_layers():
-                layer.aux_loss_scale = 1.0 / self.num_microbatches
+        for chunk in self.chunks:   # aux losses are per global micro-batch: average them
+            set_aux_loss_scale(chunk, 1.0 / self.num_microbatches)
 
     def loss_fn(self, logits: torch.Tensor, microbatch: dict) -> torch.Tensor:
-        return lm_loss_fn(logits, microbatch["labels"], self.mesh) / self.global_tokens
+        tp_comm = self.chunks[-1].tp_comm
+        return lm_loss_fn(logits, microbatch["labels"], self.mesh, tp_comm) / self.global_tokens
 
     def _forward_backward(self, microbatches) -> torch.Tensor:
         """Sum over micro-batches of this rank's normalised LM loss (0 off the last stage)."""
@@ -97,20 +97,30 @@ class Trainer:
         self.completed_steps = step + 1
         return metrics
 
-    def _step_metrics(self, lm_loss: torch.Tensor, grad_norm: float, lr: float) -> dict[str, float]:
+    def _moe_loss_terms(self) -> tuple[float, float, dict]:
+        """This stage's aux and z loss as they enter the objective (coefficient x sum over layers)."""
         stats = moe_stats(self.chunks)
+        n_layers = sum(len(chunk.moe_layers()) for chunk in self.chunks)
+        moe = self.model_cfg.moe
+        aux_coeff = 0.0 if moe.aux_loss_type == "none" else moe.aux_loss_coeff
+        aux = aux_coeff * stats.get("aux_loss", 0.0) * n_layers
+        return aux, moe.z_loss_coeff * stats.get("z_loss", 0.0) * n_layers, stats
+
+    def _step_metrics(self, lm_loss: torch.Tensor, grad_norm: float, lr: float) -> dict[str, float]:
+        aux, z, stats = self._moe_loss_terms()
         # LM loss: sum over dp x cp (replicated over tp), then over pp (0 off the last stage).
-        # MoE statistics are already global per stage; layers of other stages are summed over pp.
-        values = torch.tensor([lm_loss.item(), stats["aux_loss"], stats["z_loss"]], dtype=torch.float64)
+        # MoE terms are already global per stage; stages hold different layers: sum over pp.
+        values = torch.tensor([lm_loss.item(), aux, z], dtype=torch.float64)
         dist.all_reduce(values[:1], group=self.mesh.group("dp_cp"))
         dist.all_reduce(values, group=self.mesh.group("pp"))
         lm, aux, z = values.tolist()
-        shared = torch.tensor([stats["dropped_token_fraction"], stats["load_imbalance"]],
-                              dtype=torch.float64)
-        dist.all_reduce(shared, op=dist.ReduceOp.MAX, group=self.mesh.group("pp"))
+        # Worst stage for the load statistics (identical within a stage).
+        worst = torch.tensor([stats.get("dropped_token_fraction", 0.0),
+                              stats.get("load_imbalance_max", 0.0)], dtype=torch.float64)
+        dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=self.mesh.group("pp"))
         return {"loss": lm + aux + z, "lm_loss": lm, "aux_loss": aux, "z_loss": z,
                 "grad_norm": float(grad_norm), "lr": float(lr), "tokens": float(self.global_tokens),
-                "dropped_token_fraction": shared[0].item(), "load_imbalance": shared[1].item(),
+                "dropped_token_fraction": worst[0].item(), "load_imbalance": worst[1].item(),
                 "model_flops": float(self.model_flops)}
 
     def checkpoint_state(self) -> dict:

@@ -1,0 +1,38 @@
+"""Local token dispatcher (EP = 1): the reference every parallel dispatcher must match.
+
+A dispatcher is called as `dispatcher(x_th, assignments, experts) -> y_th`:
+permute tokens into expert order, run the grouped experts, weight each output row by
+its combine probability and sum the k rows of every token back into place.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .assignment import Assignments
+from .experts import GroupedExperts
+
+
+def permute_tokens(x_th: torch.Tensor, token_n: torch.Tensor) -> torch.Tensor:
+    """[T, h] -> [N, h]: one row per assignment, in assignment (= expert) order."""
+    return x_th.index_select(0, token_n)
+
+
+def combine_tokens(y_nh: torch.Tensor, token_n: torch.Tensor, prob_n: torch.Tensor,
+                   num_tokens: int) -> torch.Tensor:
+    """[N, h] -> [T, h]: sum_k prob * expert output for every token (unpermute).
+    Weighted and summed in fp32 so bf16 runs do not round each of the k terms."""
+    weighted_nh = y_nh.float() * prob_n.float().unsqueeze(-1)
+    out_th = weighted_nh.new_zeros(num_tokens, y_nh.shape[-1])
+    return out_th.index_add(0, token_n, weighted_nh).to(y_nh.dtype)
+
+
+class LocalDispatcher(nn.Module):
+    """All experts on this rank; no communication."""
+
+    bytes_sent = 0
+
+    def forward(self, x_th: torch.Tensor, assign: Assignments, experts: GroupedExperts) -> torch.Tensor:
+        x_nh = permute_tokens(x_th, assign.token_n)
+        y_nh = experts(x_nh, assign.counts_e.tolist())
+        return combine_tokens(y_nh, assign.token_n, assign.prob_n, x_th.shape[0])
