@@ -20,22 +20,23 @@ from engine.parallel.mesh import FoldedMesh
 from engine.parallel.param_attrs import reduce_axes, set_reduce_axes
 
 
-def chunk_layer_ids(cfg: ModelConfig, mesh: FoldedMesh) -> list[tuple[int, list[int]]]:
+def chunk_layer_ids(cfg: ModelConfig, mesh: FoldedMesh, seq_len: int | None = None
+                    ) -> list[tuple[int, list[int]]]:
     """(global chunk index, layer ids) for every virtual stage of this PP rank."""
     pp, vpp = mesh.config.pp, mesh.config.vpp
     if pp * vpp == 1:
         return [(0, list(range(cfg.num_layers)))]
     from engine.pipeline.split import split_layers
-    chunks = split_layers(cfg, pp, vpp)
+    chunks = split_layers(cfg, pp, vpp, seq_len=seq_len)
     return [(v * pp + mesh.pp_rank, chunks[v * pp + mesh.pp_rank]) for v in range(vpp)]
 
 
 def build_chunks(cfg: ModelConfig, mesh: FoldedMesh, *, seed: int, dispatcher: str = "alltoall",
                  attention_backend: str = "auto", precision: str = "fp32",
-                 recompute: str = "none") -> list[MoETransformer]:
+                 recompute: str = "none", seq_len: int | None = None) -> list[MoETransformer]:
     n_chunks = mesh.config.pp * mesh.config.vpp
     chunks = []
-    for index, layer_ids in chunk_layer_ids(cfg, mesh):
+    for index, layer_ids in chunk_layer_ids(cfg, mesh, seq_len):
         chunk = MoETransformer(cfg, layer_ids, first_stage=index == 0, last_stage=index == n_chunks - 1)
         init_weights(chunk, cfg, seed)
         parallelize_chunk(chunk, mesh, dispatcher=dispatcher, attention_backend=attention_backend)

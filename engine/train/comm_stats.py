@@ -18,7 +18,7 @@ def _cp_bytes(trainer) -> int:
 
 
 def _pp_bytes(trainer) -> int:
-    return getattr(trainer.executor, "bytes_sent", 0) if trainer.executor is not None else 0
+    return trainer.executor.comm_bytes["sent"] if trainer.executor is not None else 0
 
 
 def collect_comm_bytes(trainer, since: dict | None = None, dp_bytes: dict | int | None = None) -> dict:

@@ -42,7 +42,7 @@ class Trainer:
         self.chunks = [c.to(self.device) for c in build_chunks(
             model_cfg, mesh, seed=train_cfg.seed, dispatcher=dispatcher,
             attention_backend=attention_backend, precision=train_cfg.precision,
-            recompute=train_cfg.recompute)]
+            recompute=train_cfg.recompute, seq_len=train_cfg.seq_len)]
         self.named_params = named_parameters(self.chunks)
         self.optimizer = FoldedOptimizer(self.named_params, mesh, train_cfg)
         self.on_grads_synced = None   # test hook: called with the trainer after grad sync

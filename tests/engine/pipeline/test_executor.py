@@ -1,0 +1,115 @@
+"""PipelineExecutor parity: PP2 / PP4 with GPipe, 1F1B and interleaved equal one process."""
+import pytest
+import torch
+
+from engine.parallel.config import ParallelConfig
+from engine.parallel.mesh import FoldedMesh
+from engine.pipeline.executor import PipelineExecutor
+from engine.pipeline.schedules import ScheduleError, build_schedule, chunks_of_rank
+from engine.testing.multiprocess import run_distributed
+
+from . import toy
+
+NUM_LAYERS = 8
+
+# Same ops in the same order per micro-batch; only the order in which micro-batch grads
+# accumulate can differ, an fp32 reduction-order effect of ~1e-7 relative.
+TOL = dict(rtol=1e-5, atol=1e-6)
+
+
+def _layer_chunks(num_chunks: int) -> list[list[int]]:
+    per = NUM_LAYERS // num_chunks
+    return [list(range(c * per, (c + 1) * per)) for c in range(num_chunks)]
+
+
+def _run_layout(mesh, name: str, vpp: int, m: int) -> dict:
+    pp, r = mesh.size("pp"), mesh.rank_in("pp")
+    layers = _layer_chunks(pp * vpp)
+    full = toy.full_model(NUM_LAYERS)
+    chunks = [toy.chunk_of(full, layers[c], c == 0, c == pp * vpp - 1) for c in chunks_of_rank(r, pp, vpp)]
+    executor = PipelineExecutor(chunks, mesh, build_schedule(name, pp, m, vpp)[r],
+                                toy.make_loss_fn(m), (toy.MBS, toy.SEQ, toy.HIDDEN), torch.float32)
+    losses = executor.run(toy.microbatches(m, seed=mesh.rank_in("dp")))
+    grads = {n: p.grad.clone() for chunk in chunks for n, p in chunk.named_parameters()}
+    return {"losses": losses, "grads": grads, "bytes": executor.comm_bytes, "dp": mesh.rank_in("dp")}
+
+
+def _parity_worker(rank, world, layouts):
+    meshes, out = {}, []
+    for kw, name, vpp, m in layouts:
+        key = tuple(sorted(kw.items()))   # vpp does not change the groups: build each mesh once
+        if key not in meshes:
+            meshes[key] = FoldedMesh(ParallelConfig(world_size=world, **kw))
+        out.append(_run_layout(meshes[key], name, vpp, m))
+    return out
+
+
+def _check_against_reference(results, m: int, last_ranks) -> None:
+    for dp in {r["dp"] for r in results}:
+        ref_losses, ref_grads = toy.reference(NUM_LAYERS, toy.microbatches(m, seed=dp))
+        replica = [(g, r) for g, r in enumerate(results) if r["dp"] == dp]
+        seen = set()
+        for global_rank, res in replica:
+            if global_rank in last_ranks:
+                torch.testing.assert_close(torch.stack(res["losses"]), torch.stack(ref_losses), **TOL)
+            else:
+                assert res["losses"] == [None] * m
+            for name, grad in res["grads"].items():
+                torch.testing.assert_close(grad, ref_grads[name], **TOL, msg=lambda s: f"{name}: {s}")
+                seen.add(name)
+        assert seen == set(ref_grads), "every parameter is held by exactly one stage"
+
+
+M = 4
+# World 4: pp=4 (dp=1), and pp=2 with dp=2, whose PP groups [0, 2], [1, 3] are not
+# neighbours in the global rank order (peers must come from mesh.ranks("pp")).
+LAYOUTS = [(dict(pp=4), "gpipe", 1, M), (dict(pp=4), "1f1b", 1, M), (dict(pp=4), "interleaved", 2, M),
+           (dict(pp=2), "gpipe", 1, M), (dict(pp=2), "1f1b", 1, M), (dict(pp=2), "interleaved", 2, M)]
+LAST_STAGE_RANKS = {4: {3}, 2: {2, 3}}
+
+
+@pytest.fixture(scope="module")
+def parity_results():
+    """One 4-process run for all layouts (process start-up dominates the test time)."""
+    return run_distributed(_parity_worker, 4, LAYOUTS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("index", range(len(LAYOUTS)),
+                         ids=[f"pp{kw['pp']}-{name}-vpp{vpp}" for kw, name, vpp, _ in LAYOUTS])
+def test_pipeline_matches_single_process(parity_results, index):
+    pp = LAYOUTS[index][0]["pp"]
+    _check_against_reference([r[index] for r in parity_results], M, LAST_STAGE_RANKS[pp])
+
+
+@pytest.mark.slow
+def test_p2p_byte_count(parity_results):
+    # 1F1B, pp=2: the first stage sends M activations and receives M grads of [2, 4, 8] fp32
+    nbytes = M * toy.MBS * toy.SEQ * toy.HIDDEN * 4
+    assert parity_results[0][4]["bytes"] == {"sent": nbytes, "received": nbytes}
+    assert parity_results[2][4]["bytes"] == {"sent": nbytes, "received": nbytes}
+
+
+def test_pp1_runs_forward_backward_per_microbatch_without_communication():
+    m = 3
+    model = toy.full_model(NUM_LAYERS)
+    executor = PipelineExecutor([model], None, build_schedule("1f1b", 1, m)[0], toy.make_loss_fn(m),
+                                (toy.MBS, toy.SEQ, toy.HIDDEN), torch.float32)
+    losses = executor.run(toy.microbatches(m, seed=0))
+    ref_losses, ref_grads = toy.reference(NUM_LAYERS, toy.microbatches(m, seed=0))
+    torch.testing.assert_close(torch.stack(losses), torch.stack(ref_losses), **TOL)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref_grads[name], **TOL)
+    assert [str(t.action) for t in executor.timeline] == ["F0@0", "B0@0", "F1@0", "B1@0", "F2@0", "B2@0"]
+    assert executor.comm_bytes == {"sent": 0, "received": 0}
+
+
+def test_executor_rejects_foreign_actions_and_wrong_microbatch_count():
+    model = toy.full_model(NUM_LAYERS)
+    shape = (toy.MBS, toy.SEQ, toy.HIDDEN)
+    with pytest.raises(ScheduleError, match="belongs to another rank"):
+        PipelineExecutor([model], None, build_schedule("1f1b", 2, 2)[1], toy.make_loss_fn(2), shape, torch.float32)
+    executor = PipelineExecutor([model], None, build_schedule("1f1b", 1, 2)[0], toy.make_loss_fn(2), shape,
+                                torch.float32)
+    with pytest.raises(ValueError, match="2 micro-batches, got 3"):
+        executor.run(toy.microbatches(3, seed=0))
