@@ -10,16 +10,16 @@ from datetime import timedelta
 import torch.distributed as dist
 
 from .config import ParallelConfig
-from .ranks import AXES, RankLayout
+from .ranks import AXES, EXTRA_AXES, RankLayout
 
-ALL_AXES = tuple(AXES) + ("embed",)
+ALL_AXES = tuple(AXES) + EXTRA_AXES
 
 
 class FoldedMesh:
     """Process groups for every axis of the attention and MoE meshes.
 
     `group(axis)` is this rank's group on that axis; axes: tp, cp, dp, pp, dp_cp,
-    tp_cp, stage, etp, ep, edp, etp_ep, embed. Groups with identical rank lists are
+    tp_cp, stage, etp, ep, edp, etp_ep, embed, cp_a2a and cp_ring (hybrid CP). Groups with identical rank lists are
     created once and shared.
     """
 

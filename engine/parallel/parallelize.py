@@ -62,15 +62,11 @@ def parallelize_chunk(chunk: MoETransformer, mesh: FoldedMesh, *, dispatcher: st
 
 
 def _install_attention_cores(chunk: MoETransformer, mesh: FoldedMesh, backend: str) -> None:
-    config = mesh.config
+    """Ring / all-to-all / hybrid CP core at cp > 1, the local block core otherwise. Both save
+    (q, k, v, out, lse), so no recompute mode ever re-runs the attention forward."""
+    from engine.context_parallel import build_cp_attention
     for block in chunk.layers.values():
-        if config.cp > 1:
-            from engine.context_parallel import build_cp_attention
-            block.attention.core = build_cp_attention(
-                mesh, config.cp_mode, config.cp_a2a_size, backend)
-        else:
-            from engine.context_parallel import LocalAttention
-            block.attention.core = LocalAttention(backend=backend)
+        block.attention.core = build_cp_attention(mesh, backend=backend)
 
 
 def _tag_tied_embedding(chunk: MoETransformer, mesh: FoldedMesh) -> None:

@@ -45,6 +45,12 @@ def is_tp_sharded(param: nn.Parameter) -> bool:
     return getattr(param, "foldmoe_tp_sharded", False)
 
 
+def tp_replicas(param: nn.Parameter) -> int:
+    """How many consecutive TP ranks hold the same TP shard (kv heads replicated when
+    num_kv_heads < tp); 1 for everything else."""
+    return getattr(param, "foldmoe_tp_replicas", 1)
+
+
 def copy_attrs(src: nn.Parameter, dst: nn.Parameter) -> None:
     for key, value in vars(src).items():
         if key.startswith("foldmoe_"):

@@ -31,6 +31,20 @@ AXES: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 
+EXTRA_AXES = ("embed", "cp_a2a", "cp_ring")
+
+
+def split_cp_group(cp_ranks: list[int], a2a_size: int) -> tuple[list[list[int]], list[list[int]]]:
+    """Hybrid CP: (all-to-all sub-groups of consecutive members, ring groups of the members at
+    the same position in every sub-group) of one CP group, as global ranks."""
+    cp = len(cp_ranks)
+    if a2a_size < 1 or cp % a2a_size:
+        raise ValueError(f"hybrid CP: a2a size {a2a_size} does not divide cp={cp}")
+    a2a_groups = [list(cp_ranks[g * a2a_size:(g + 1) * a2a_size]) for g in range(cp // a2a_size)]
+    ring_groups = [list(cp_ranks[i::a2a_size]) for i in range(a2a_size)]
+    return a2a_groups, ring_groups
+
+
 def _groups(order: tuple[str, ...], sizes: dict[str, int], varying: tuple[str, ...]) -> list[list[int]]:
     """Rank lists in which the `varying` axes change and all other axes are fixed."""
     strides, stride = {}, 1
@@ -66,8 +80,10 @@ class RankLayout:
     def groups(self, axis: str) -> list[list[int]]:
         if axis == "embed":
             return self._embedding_groups()
+        if axis in ("cp_a2a", "cp_ring"):
+            return self._hybrid_cp_groups(axis)
         if axis not in AXES:
-            raise KeyError(f"unknown mesh axis {axis!r}; known: {sorted(AXES) + ['embed']}")
+            raise KeyError(f"unknown mesh axis {axis!r}; known: {sorted(AXES) + list(EXTRA_AXES)}")
         generator, varying = AXES[axis]
         order = ATTENTION_ORDER if generator == "attention" else MOE_ORDER
         return _groups(order, self._sizes[generator], varying)
@@ -75,6 +91,15 @@ class RankLayout:
     def _embedding_groups(self) -> list[list[int]]:
         """First and last pipeline stage of each PP group (tied embeddings)."""
         return [sorted({g[0], g[-1]}) for g in self.groups("pp")]
+
+    def _hybrid_cp_groups(self, axis: str) -> list[list[int]]:
+        """Sub-groups of hybrid CP (singletons / the CP group itself in other modes)."""
+        a2a = self.config.cp_a2a_size if self.config.cp_mode == "hybrid" else 1
+        out = []
+        for cp_ranks in self.groups("cp"):
+            a2a_groups, ring_groups = split_cp_group(cp_ranks, a2a)
+            out += a2a_groups if axis == "cp_a2a" else ring_groups
+        return sorted(out)
 
     def group_of(self, axis: str, rank: int) -> list[int]:
         for group in self.groups(axis):

@@ -41,18 +41,43 @@ def train_and_capture(rank: int, world_size: int, layout: dict, model_overrides:
     return {"metrics": metrics, "grads": grads_per_step, "slices": slices, "params": params}
 
 
-def max_relative_error(result: dict, reference: dict, key: str = "grads") -> tuple[float, str]:
-    """Largest |a - b| / (|b|_max + tiny) over every tensor of every step; with its name."""
-    worst, where = 0.0, ""
-    pairs = zip(result[key], reference[key]) if key == "grads" else [(result[key], reference[key])]
-    for step, (local, full) in enumerate(pairs):
+def step_errors(result: dict, reference: dict) -> list[tuple[float, str]]:
+    """Per step: the largest |a - b| / max|b| over every gradient tensor, and where."""
+    out = []
+    for local, full in zip(result["grads"], reference["grads"]):
+        worst, where = 0.0, ""
         for name, tensor in local.items():
             expected = apply_slices(full[name], result["slices"][name]).to(tensor.dtype)
             if expected.shape != tensor.shape:
                 raise AssertionError(f"{name}: shard shape {tuple(tensor.shape)} != slice "
                                      f"{tuple(expected.shape)}")
-            scale = expected.abs().max().item() + 1e-12
-            err = (tensor - expected).abs().max().item() / scale
+            err = (tensor - expected).abs().max().item() / (expected.abs().max().item() + 1e-12)
             if err > worst:
-                worst, where = err, f"step {step} {name}"
-    return worst, where
+                worst, where = err, name
+        out.append((worst, where))
+    return out
+
+
+# Tolerances (fp32). Step 0 sees identical parameters: only the order of fp32 sums differs
+# (ring reductions, all-to-all permutations, blocked attention): measured <= 7e-7 of the
+# tensor's largest value. Later steps start from parameters that already differ by that
+# noise after Adam's normalisation, measured <= 5e-6 by step 2. Parity runs use Adam
+# eps=1e-3, so near-zero gradients get smooth SGD-like updates instead of sign flips of
+# size lr (which would make ~1e-4 differences that say nothing about the parallel code).
+# A real bug (missing or doubled reduction, wrong scale or slice) is an O(1) error.
+STEP0_TOL = 2e-6
+LATER_TOL = 1e-5
+LOSS_RTOL = 1e-6
+
+
+def assert_parity(result: dict, reference: dict, label: str) -> float:
+    """Checks per-step losses and every gradient shard; returns the step-0 error."""
+    losses = [m["loss"] for m in result["metrics"]]
+    expected = [m["loss"] for m in reference["metrics"]]
+    for got, want in zip(losses, expected, strict=True):
+        assert abs(got - want) <= LOSS_RTOL * abs(want), (label, losses, expected)
+    errors = step_errors(result, reference)
+    assert errors[0][0] <= STEP0_TOL, (label, "step 0", errors[0])
+    for step, (err, where) in enumerate(errors[1:], start=1):
+        assert err <= LATER_TOL, (label, f"step {step}", err, where)
+    return errors[0][0]

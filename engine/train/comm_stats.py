@@ -21,7 +21,9 @@ def _pp_bytes(trainer) -> int:
     return trainer.executor.comm_bytes["sent"] if trainer.executor is not None else 0
 
 
-def collect_comm_bytes(trainer, since: dict | None = None, dp_bytes: dict | int | None = None) -> dict:
+def collect_comm_bytes(trainer, since: dict | None = None, optimizer_bytes: dict | None = None) -> dict:
+    """Cumulative counters now, or the difference since `since` plus the optimizer's bytes of
+    this step (gradient reductions and the ZeRO-1 parameter all-gather), by axis kind."""
     now = {"comm_bytes_ep": float(moe_comm_bytes(trainer.chunks)),
            "comm_bytes_tp": float(_tp_bytes(trainer)),
            "comm_bytes_cp": float(_cp_bytes(trainer)),
@@ -29,8 +31,10 @@ def collect_comm_bytes(trainer, since: dict | None = None, dp_bytes: dict | int 
     if since is None:
         return now
     out = {k: v - since.get(k, 0.0) for k, v in now.items()}
-    if isinstance(dp_bytes, dict):
-        out["comm_bytes_dp"] = float(sum(dp_bytes.values()))
-    else:
-        out["comm_bytes_dp"] = float(dp_bytes or 0)
+    optimizer_bytes = optimizer_bytes or {}
+    # sequence-parallel replicated params reduce over tp: count that on the tp axis
+    # (tied embeddings sum over the first/last stage: pp)
+    out["comm_bytes_tp"] += float(optimizer_bytes.get("tp", 0))
+    out["comm_bytes_pp"] += float(optimizer_bytes.get("pp", 0))
+    out["comm_bytes_dp"] = float(sum(v for k, v in optimizer_bytes.items() if k not in ("tp", "pp")))
     return out

@@ -85,14 +85,15 @@ class Trainer:
         comm_before = collect_comm_bytes(self)
         self.optimizer.prepare_for_backward(self.num_microbatches)
         lm_loss = self._forward_backward(microbatches)
-        dp_bytes = self.optimizer.finish_grad_sync()
+        self.optimizer.finish_grad_sync()
         if self.on_grads_synced is not None:
             self.on_grads_synced(self)
         grad_norm = self.optimizer.clip_grad_norm(self.train_cfg.grad_clip)
         lr = self.optimizer.step(step)
         update_expert_biases(self.chunks)
         metrics = self._step_metrics(lm_loss, grad_norm, lr)
-        metrics.update(collect_comm_bytes(self, since=comm_before, dp_bytes=dp_bytes))
+        metrics.update(collect_comm_bytes(self, since=comm_before,
+                                          optimizer_bytes=self.optimizer.comm_bytes))
         metrics["step_time_s"] = time.perf_counter() - start
         self.completed_steps = step + 1
         return metrics

@@ -1,0 +1,176 @@
+"""FoldedOptimizer: fp32 gradient accumulation, bucketed (optionally overlapped) SUM
+reduction over each param's mesh axes, global-norm clipping, and AdamW with optional
+ZeRO-1 sharding of master weights and moments (Rajbhandari et al. arXiv 1910.02054).
+
+Per step, driven by the trainer:
+  prepare_for_backward(n) -> n x (forward, backward) -> finish_grad_sync()
+  -> clip_grad_norm(max_norm) -> step(step)
+Backward hooks add each param's grad into its fp32 `main_grad` (a view of the bucket's
+grad buffer) and free `p.grad`. With overlap_grad_reduce, a bucket's first reduction is
+started asynchronously as soon as all its params have received their last micro-batch's
+gradient. Buckets are launched strictly in bucket order on every rank, because ranks
+must issue collectives on a group in the same order (and NCCL can deadlock when
+communicators are used in different orders). Build the optimizer after the model has its
+final dtype and device: the params become views of the optimizer's flat buffers.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.optim.adamw import adamw
+
+from engine.parallel.mesh import FoldedMesh
+from engine.train.config import TrainConfig
+
+from .buckets import DEFAULT_BUCKET_BYTES, plan_buckets
+from .clip import clip_, global_grad_norm
+from .flat_bucket import FlatBucket
+from .schedule import lr_at
+from .state import load_optimizer_state, optimizer_state
+
+
+class FoldedOptimizer:
+    def __init__(self, named_params: list[tuple[str, nn.Parameter]], mesh: FoldedMesh,
+                 train_cfg: TrainConfig, *, bucket_bytes: int = DEFAULT_BUCKET_BYTES):
+        self.mesh, self.cfg = mesh, train_cfg
+        self.names = [name for name, _ in named_params]
+        self.params = [param for _, param in named_params]
+        plans = plan_buckets(named_params, mesh, zero1=train_cfg.zero1, bucket_bytes=bucket_bytes)
+        self.buckets = [FlatBucket(plan, self.params) for plan in plans]
+        self._bucket_of = {slot.index: b for b, plan in enumerate(plans) for slot in plan.slots}
+        self._slot_of = {slot.index: slot for plan in plans for slot in plan.slots}
+        self._index_of = {id(param): i for i, param in enumerate(self.params)}
+        self._hooks = [self.params[i].register_post_accumulate_grad_hook(self._grad_hook(i))
+                       for i in self._bucket_of]
+        self.adam_step = 0
+        self.comm_bytes: dict[str, int] = {}   # this step: grad reduction + ZeRO-1 param gather
+        self.launched_in_backward = 0           # buckets whose reduction started in backward
+        self._num_microbatches: int | None = None
+        self._synced = False
+        self._reset_step_counters()
+
+    # ---- backward: fp32 accumulation and overlapped reduction -------------------------
+    def _reset_step_counters(self) -> None:
+        self._grad_counts = [0] * len(self.params)
+        self._missing = [len(b.plan.slots) for b in self.buckets]
+        self._next_launch = 0
+
+    def _grad_hook(self, index: int):
+        def hook(param: nn.Parameter) -> None:
+            self._accumulate(index, param)
+        return hook
+
+    @torch.no_grad()
+    def _accumulate(self, index: int, param: nn.Parameter) -> None:
+        param.main_grad.add_(param.grad)     # fp32 += model-dtype grad
+        param.grad = None
+        if self._num_microbatches is None:
+            return
+        self._grad_counts[index] += 1
+        count = self._grad_counts[index]
+        if count > self._num_microbatches:
+            raise RuntimeError(
+                f"{self.names[index]} got gradient #{count} in a step of {self._num_microbatches} "
+                "micro-batches: call prepare_for_backward(num_microbatches) before each step")
+        if count == self._num_microbatches:
+            bucket = self._bucket_of[index]
+            self._missing[bucket] -= 1
+            if self.cfg.overlap_grad_reduce and self._missing[bucket] == 0:
+                self._launch_ready_buckets()
+
+    def _launch_ready_buckets(self) -> None:
+        """Launches the complete buckets at the head of the launch order."""
+        while self._next_launch < len(self.buckets) and self._missing[self._next_launch] == 0:
+            self.buckets[self._next_launch].launch_reduce(self.mesh, self.comm_bytes)
+            self._next_launch += 1
+            self.launched_in_backward += 1
+
+    def prepare_for_backward(self, num_microbatches: int) -> None:
+        """Zeroes the fp32 accumulators; call before the first micro-batch of each step."""
+        if num_microbatches < 1:
+            raise ValueError(f"num_microbatches={num_microbatches}: must be >= 1")
+        if any(b.pending_work is not None for b in self.buckets):
+            raise RuntimeError("finish_grad_sync() was not called after the previous backward")
+        for bucket in self.buckets:
+            bucket.reset_grads()
+        self._num_microbatches = num_microbatches
+        self._synced = False
+        self.comm_bytes, self.launched_in_backward = {}, 0
+        self._reset_step_counters()
+
+    def finish_grad_sync(self) -> dict[str, int]:
+        """Launches the remaining buckets (all of them without overlap), waits for every
+        reduction; returns the bytes this rank sent per axis kind ("dp", "tp", ...)."""
+        for bucket in self.buckets[self._next_launch:]:
+            bucket.launch_reduce(self.mesh, self.comm_bytes)
+        self._next_launch = len(self.buckets)
+        for bucket in self.buckets:
+            bucket.complete_reduce(self.mesh, self.comm_bytes)
+        self._synced = True
+        return dict(self.comm_bytes)
+
+    def synced_grad(self, param: nn.Parameter) -> torch.Tensor:
+        """The reduced fp32 gradient of `param`, shaped like it (for tests and debugging;
+        under ZeRO-1 a collective, see FlatBucket.full_grad)."""
+        self._require_synced("synced_grad")
+        index = self._index_of[id(param)]
+        slot = self._slot_of[index]
+        flat = self.buckets[self._bucket_of[index]].full_grad(self.mesh)[slot.offset:slot.offset + slot.numel]
+        return flat.view_as(param)
+
+    # ---- clipping and update -----------------------------------------------------------
+    def _require_synced(self, what: str) -> None:
+        if not self._synced:
+            raise RuntimeError(f"{what}() needs finish_grad_sync() first in this step")
+
+    def clip_grad_norm(self, max_norm: float) -> float:
+        """Global grad norm (rule in engine/optim/clip.py); clips when max_norm > 0.
+        Returns the norm before clipping, identical on every rank."""
+        self._require_synced("clip_grad_norm")
+        norm = global_grad_norm(self.buckets, self.mesh)
+        clip_(self.buckets, norm, max_norm)
+        return norm
+
+    @torch.no_grad()
+    def step(self, step: int) -> float:
+        """AdamW on the owned ranges with lr = lr_at(step), then publishes the params
+        (bf16 cast, ZeRO-1 all-gather). Returns the lr used."""
+        self._require_synced("step")
+        moved = [name for b in self.buckets for name in b.storage_moved()]
+        if moved:
+            raise RuntimeError(f"params {moved[:3]} no longer live in the optimizer's buffers: "
+                               "cast/move the model before building FoldedOptimizer")
+        lr = lr_at(step, self.cfg)
+        self.adam_step += 1
+        for decay in (True, False):
+            self._adamw([r for b in self.buckets for r in b.adam_ranges if r.decay == decay],
+                        lr, self.cfg.weight_decay if decay else 0.0)
+        for bucket in self.buckets:
+            bucket.publish_params(self.mesh, self.comm_bytes)
+        self._synced = False
+        return lr
+
+    def _adamw(self, ranges, lr: float, weight_decay: float) -> None:
+        if not ranges:
+            return
+        # torch's functional AdamW (decoupled decay) increments these step counters itself.
+        steps = [torch.tensor(float(self.adam_step - 1)) for _ in ranges]
+        adamw([r.param for r in ranges], [r.grad for r in ranges], [r.exp_avg for r in ranges],
+              [r.exp_avg_sq for r in ranges], [], steps, foreach=None, amsgrad=False,
+              beta1=self.cfg.beta1, beta2=self.cfg.beta2, lr=lr, weight_decay=weight_decay,
+              eps=self.cfg.eps, maximize=False)
+
+    # ---- checkpoint -------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """This rank's optimizer state (format in engine/optim/state.py)."""
+        return optimizer_state(self.buckets, self.adam_step, self.cfg.zero1)
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores a state saved with the same layout; raises ValueError otherwise. Model
+        params are restored separately (fp32 params are their own master weights)."""
+        self.adam_step = load_optimizer_state(self.buckets, state, self.cfg.zero1)
+
+    def remove_hooks(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []

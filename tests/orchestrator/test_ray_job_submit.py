@@ -1,0 +1,85 @@
+"""`ray job submit` of the driver against a real `ray start --head` on loopback, with
+token authentication on. The head is this test's own (ports and temp dir of its own) and
+is stopped by its process group afterwards; `ray stop` would stop every Ray on the host.
+
+How the token flows: `ray start` and the submitting client both get RAY_AUTH_MODE=token
+and RAY_AUTH_TOKEN; the job's driver inherits both from the head's environment (the job
+supervisor runs it there), so `ray.init()` inside the driver authenticates without help.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import tempfile
+import urllib.error
+import urllib.request
+
+import pytest
+
+from .jobs import ROOT, cli_env, free_port, job_overrides, only_run, wait_for
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
+
+@pytest.fixture
+def ray_head():
+    token = secrets.token_hex(16)
+    dashboard = free_port()
+    temp_dir = tempfile.mkdtemp(prefix="rayh", dir="/tmp")   # short: unix socket path limit
+    ports = {f"--{name}": str(free_port()) for name in (
+        "port", "ray-client-server-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+        "metrics-export-port", "runtime-env-agent-port", "node-manager-port", "object-manager-port")}
+    cmd = ["ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+           "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=4",
+           f"--temp-dir={temp_dir}", "--disable-usage-stats",
+           *(f"{k}={v}" for k, v in ports.items())]
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+    log = open(os.path.join(temp_dir, "head.log"), "wb")
+    # No PYTHONPATH on the head: the job must find foldmoe through its --working-dir.
+    head_env = {k: v for k, v in cli_env(**auth).items() if k != "PYTHONPATH"}
+    proc = subprocess.Popen(cmd, env=head_env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    address = f"http://127.0.0.1:{dashboard}"
+
+    def answering():   # 401 = up, and refusing requests without the token
+        if proc.poll() is not None:
+            raise RuntimeError(open(os.path.join(temp_dir, "head.log")).read()[-2000:])
+        try:
+            urllib.request.urlopen(f"{address}/api/version", timeout=2)
+            return "open"
+        except urllib.error.HTTPError as err:
+            return "auth" if err.code == 401 else None
+        except OSError:
+            return None
+
+    try:
+        state = wait_for(answering, timeout=120, interval=0.5, what="ray head")
+        yield address, auth, state
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(15)
+        log.close()
+
+
+def test_ray_job_submit_runs_the_driver_with_token_auth(ray_head, tmp_path, data_cache):
+    address, auth, state = ray_head
+    assert state == "auth"          # the dashboard refuses requests without the token
+    denied = subprocess.run(["ray", "job", "list", "--address", address], env=cli_env(),
+                            capture_output=True, text=True, timeout=120)
+    assert denied.returncode != 0
+    overrides = job_overrides(tmp_path, data_cache, steps=3,
+                              tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    cmd = ["ray", "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
+           "python", "-m", "orchestrator.driver", "configs/tiny-moe.yaml",
+           *(arg for item in overrides for arg in ("--set", item))]
+    out = subprocess.run(cmd, env=cli_env(**auth), capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+    assert "job finished: 3 steps reported" in out.stdout
+    _, run = only_run(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert run.info.status == "FINISHED" and run.data.params["layout.world_size"] == "4"

@@ -1,0 +1,134 @@
+"""End-to-end jobs under `--launcher torchrun` (no Ray): MLflow on the default SQLite store
+and on a real `mlflow server`, the metrics JSONL, and SIGTERM handling."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from engine.models.transformer import count_parameters
+from orchestrator.config import load_config
+
+from .jobs import (TINY, artifact_names, cli_env, free_port, job_overrides, metric_steps,
+                   only_run, read_jsonl, run_cli, set_args, wait_for)
+
+pytestmark = pytest.mark.slow
+
+REQUIRED_KEYS = {"step", "loss", "lm_loss", "aux_loss", "z_loss", "grad_norm", "lr", "tokens_per_s",
+                 "tflops_per_device", "mfu", "step_time_s", "dropped_token_fraction",
+                 "load_imbalance", "comm_bytes_ep", "comm_bytes_dp", "restarts"}
+
+
+def test_tiny_job_under_torchrun_logs_one_run_to_the_default_sqlite_store(tmp_path, data_cache):
+    steps = 4
+    overrides = job_overrides(tmp_path, data_cache, steps=steps)
+    out = run_cli(["train", TINY, "--launcher", "torchrun", "--metrics-jsonl", "m.jsonl",
+                   *set_args(overrides)], cwd=tmp_path)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    records = read_jsonl(tmp_path / "m.jsonl")
+    assert [r["step"] for r in records] == list(range(steps))
+    assert REQUIRED_KEYS <= set(records[0]), REQUIRED_KEYS - set(records[0])
+    assert all(r["restarts"] == 0 and r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 for r in records)
+
+    # Default store: sqlite:///mlflow.db in the working directory, exactly one run.
+    assert (tmp_path / "mlflow.db").is_file()
+    client, run = only_run(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    expected_params = count_parameters(load_config(TINY).model)
+    assert params["model.preset"] == "tiny-moe" and params["parallel.ep"] == "4"
+    assert (params["layout.world_size"], params["layout.tp"], params["layout.dp"],
+            params["layout.ep"], params["layout.edp"]) == ("4", "2", "2", "4", "1")
+    assert params["params.total"] == str(expected_params["total"])
+    assert params["params.active"] == str(expected_params["active"])
+    assert params["peak_flops_source"].startswith("measured on CPU")
+    losses = metric_steps(client, run.info.run_id, "loss")
+    assert losses == [(r["step"], r["loss"]) for r in records]
+    for key in ("mfu", "tokens_per_s", "comm_bytes_ep", "comm_bytes_dp", "load_imbalance",
+                "dropped_token_fraction", "restarts", "grad_norm", "lr"):
+        assert len(metric_steps(client, run.info.run_id, key)) == steps, key
+    assert {"config.yaml", "layout.txt", "layout.json"} <= artifact_names(client, run.info.run_id)
+    assert "job finished" in out.stdout
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = free_port()
+    store = tmp_path / "server"
+    store.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{store / 'backend.db'}",
+         "--artifacts-destination", str(store / "artifacts"), "--workers", "1"],
+        cwd=store, stdout=open(store / "server.log", "wb"), stderr=subprocess.STDOUT,
+        start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+
+    def healthy():
+        if proc.poll() is not None:
+            raise RuntimeError((store / "server.log").read_text()[-2000:])
+        try:
+            return urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200
+        except OSError:
+            return False
+
+    try:
+        wait_for(healthy, timeout=120, interval=0.5, what="mlflow server")
+        yield uri
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+def test_job_logs_to_a_real_mlflow_server(tmp_path, data_cache, mlflow_server):
+    overrides = job_overrides(tmp_path, data_cache, steps=3, tracking_uri=mlflow_server,
+                              extra=["cluster.num_workers=2", "parallel.tp=1", "parallel.ep=2",
+                                     "tracking.experiment=server-test"])
+    out = run_cli(["train", TINY, "--launcher", "torchrun", *set_args(overrides)], cwd=tmp_path)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert not (tmp_path / "mlflow.db").exists()          # nothing went to the default store
+    client, run = only_run(mlflow_server, "server-test")
+    assert run.info.status == "FINISHED"
+    assert run.data.params["layout.world_size"] == "2" and run.data.params["layout.ep"] == "2"
+    assert [s for s, _ in metric_steps(client, run.info.run_id, "loss")] == [0, 1, 2]
+    assert {"config.yaml", "layout.txt"} <= artifact_names(client, run.info.run_id)
+
+
+def test_sigterm_stops_the_job_within_3s_and_marks_the_run_killed(tmp_path, data_cache):
+    overrides = job_overrides(tmp_path, data_cache, steps=10_000,
+                              extra=["cluster.num_workers=2", "parallel.tp=1", "parallel.ep=2"])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator.cli", "train", TINY, "--launcher", "torchrun",
+         "--metrics-jsonl", "m.jsonl", *set_args(overrides)],
+        cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: read_jsonl(tmp_path / "m.jsonl"), timeout=240, what="the first step")
+        pid_files = list((tmp_path / "runs").glob("*/workers/rank*.pid"))
+        worker_pids = [int(p.read_text()) for p in pid_files]
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(10)
+        elapsed = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    output = proc.stdout.read().decode(errors="replace")
+    assert rc == 128 + signal.SIGTERM, output[-3000:]
+    assert elapsed < 3.0, elapsed
+    assert len(worker_pids) == 2
+
+    def workers_gone():
+        return not any(os.path.exists(f"/proc/{pid}") and
+                       open(f"/proc/{pid}/stat").read().split()[2] != "Z" for pid in worker_pids)
+    wait_for(workers_gone, timeout=5, what="torchrun workers to exit")
+    _, run = only_run(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert run.info.status == "KILLED"
