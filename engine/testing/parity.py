@@ -20,8 +20,21 @@ def synthetic_global_batch(step: int, global_batch_size: int, seq_len: int, voca
     return torch.randint(0, vocab_size, (global_batch_size, seq_len + 1), generator=gen)
 
 
+def text_global_batch(step: int, global_batch_size: int, seq_len: int, seed: int = 0) -> torch.Tensor:
+    """Learnable data: byte windows of a standard-library source file (present everywhere
+    Python is), at offsets that are a pure function of (seed, step)."""
+    import os
+    import sysconfig
+    with open(os.path.join(sysconfig.get_paths()["stdlib"], "argparse.py"), "rb") as f:
+        data = torch.tensor(list(f.read()), dtype=torch.long)
+    gen = torch.Generator().manual_seed(seed * 100_003 + step)
+    starts = torch.randint(0, len(data) - seq_len - 1, (global_batch_size,), generator=gen)
+    return torch.stack([data[s:s + seq_len + 1] for s in starts.tolist()])
+
+
 def train_and_capture(rank: int, world_size: int, layout: dict, model_overrides: dict,
-                      train_overrides: dict, steps: int, dispatcher: str = "alltoall") -> dict:
+                      train_overrides: dict, steps: int, dispatcher: str = "alltoall",
+                      data: str = "random") -> dict:
     """Runs `steps` steps; returns losses, the synced gradients of every step and the
     slices that map each local tensor into the global one."""
     model_cfg = get_preset("tiny-moe", **model_overrides)
@@ -33,8 +46,11 @@ def train_and_capture(rank: int, world_size: int, layout: dict, model_overrides:
         {name: t.optimizer.synced_grad(p).detach().clone() for name, p in t.named_params})
     metrics = []
     for step in range(steps):
-        batch = synthetic_global_batch(step, train_cfg.global_batch_size, train_cfg.seq_len,
-                                       model_cfg.vocab_size)
+        if data == "text":
+            batch = text_global_batch(step, train_cfg.global_batch_size, train_cfg.seq_len)
+        else:
+            batch = synthetic_global_batch(step, train_cfg.global_batch_size, train_cfg.seq_len,
+                                           model_cfg.vocab_size)
         metrics.append(trainer.train_step(step, batch))
     slices = {name: list(getattr(p, "foldmoe_slices", ())) for name, p in trainer.named_params}
     params = {name: p.detach().clone() for name, p in trainer.named_params}

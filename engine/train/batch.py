@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.context_parallel.zigzag import zigzag_indices
 from engine.parallel.mesh import FoldedMesh
 
 
@@ -26,20 +27,6 @@ class MicroBatch:
         return {"inputs": self.inputs, "labels": self.labels, "positions": self.positions}
 
 
-def zigzag_positions(seq_len: int, cp: int, cp_rank: int) -> torch.Tensor:
-    """Global positions held by CP rank r: chunks r and 2cp-1-r of 2cp equal chunks
-    (causal load balance: every rank gets one early and one late chunk)."""
-    if cp == 1:
-        return torch.arange(seq_len)
-    if seq_len % (2 * cp):
-        raise ValueError(
-            f"train.seq_len={seq_len} must be divisible by 2*parallel.cp = {2 * cp} for zigzag CP")
-    chunk = seq_len // (2 * cp)
-    first = torch.arange(cp_rank * chunk, (cp_rank + 1) * chunk)
-    second = torch.arange((2 * cp - 1 - cp_rank) * chunk, (2 * cp - cp_rank) * chunk)
-    return torch.cat([first, second])
-
-
 def split_microbatches(global_tokens: torch.Tensor, mesh: FoldedMesh, micro_batch_size: int,
                        num_microbatches: int, device: torch.device) -> list[MicroBatch]:
     dp, dp_rank = mesh.config.dp, mesh.rank_in("dp")
@@ -48,7 +35,8 @@ def split_microbatches(global_tokens: torch.Tensor, mesh: FoldedMesh, micro_batc
         raise ValueError(
             f"global batch has shape {tuple(global_tokens.shape)}; expected [{expected}, seq_len + 1]")
     seq_len = global_tokens.shape[1] - 1
-    positions = zigzag_positions(seq_len, mesh.config.cp, mesh.rank_in("cp"))
+    cp = mesh.config.cp
+    positions = zigzag_indices(seq_len, cp, mesh.rank_in("cp")) if cp > 1 else torch.arange(seq_len)
     out = []
     for m in range(num_microbatches):
         start = (m * dp + dp_rank) * micro_batch_size
