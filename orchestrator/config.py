@@ -1,0 +1,231 @@
+"""Load, override, validate and resolve a run config.
+
+Everything here is cheap and side-effect free (no torch, no Ray, no files written), so
+`foldmoe validate` and the pre-flight check of `foldmoe train` answer in well under a
+second. Every problem surfaces as a ConfigError whose message reads
+`<dotted.key>=<value>: <why>`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from engine.models.config import ModelConfig, get_preset
+from engine.parallel.config import LayoutError, ParallelConfig
+from engine.parallel.ranks import RankLayout
+from engine.train.config import TrainConfig
+
+from .schema import MOE_SIZE_KEYS, RunSchema
+
+
+class ConfigError(ValueError):
+    """A bad config; str(err) is one line naming the key and value."""
+
+
+def fmt_value(value: Any) -> str:
+    return json.dumps(value, default=str) if not isinstance(value, str) else value
+
+
+# ---------------------------------------------------------------- loading + overrides
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    try:
+        text = Path(path).read_text()
+    except OSError as err:
+        raise ConfigError(f"config={path}: cannot read ({err.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where else ""
+        raise ConfigError(f"config={path}: not valid YAML{line}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config={path}: the top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """`--set a.b=value`: the value is parsed as YAML (`2`, `null`, `[2, 4]`, `bf16`)."""
+    data = json.loads(json.dumps(data))  # deep copy of plain YAML data
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item}: expected key=value")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise ConfigError(f"{key}={raw}: value is not valid YAML") from None
+        node = data
+        parts = key.split(".")
+        for depth, part in enumerate(parts[:-1]):
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{'.'.join(parts[:depth + 1])}={fmt_value(node)}: not a section")
+        node[parts[-1]] = value
+    return data
+
+
+def _schema_error(err: ValidationError) -> ConfigError:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"])
+    why = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        why = "unknown key"
+    return ConfigError(f"{key}={fmt_value(first['input'])}: {why}")
+
+
+# ---------------------------------------------------------------- the resolved run
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A validated run: the schema plus the engine configs built from it."""
+
+    schema: RunSchema
+    name: str
+    model: ModelConfig
+    train: TrainConfig
+    world_sizes: tuple[int, ...]   # the sizes the layout was checked for ([min, max] if elastic)
+
+    @property
+    def elastic(self) -> bool:
+        return isinstance(self.schema.cluster.num_workers, list)
+
+    @property
+    def checkpoint_dir(self) -> str:
+        return self.schema.checkpoint.dir or os.path.join("checkpoints", self.name)
+
+    @property
+    def run_name(self) -> str:
+        return self.schema.tracking.run_name or self.name
+
+    def parallel(self, world_size: int) -> ParallelConfig:
+        p = self.schema.parallel
+        return ParallelConfig(world_size=world_size, **p.model_dump())
+
+    def layout_table(self, world_size: int) -> dict[str, list[list[int]]]:
+        return RankLayout(self.parallel(world_size)).table()
+
+    def resolved(self) -> dict:
+        """The full config with preset values filled in; loading it gives the same run."""
+        s = self.schema
+        model = {"preset": s.model.preset}
+        model.update({f.name: getattr(self.model, f.name)
+                      for f in dataclasses.fields(ModelConfig) if f.name != "moe"})
+        model.update({key: getattr(self.model.moe, moe_key) for key, moe_key in MOE_SIZE_KEYS.items()})
+        moe = {f.name: getattr(self.model.moe, f.name) for f in dataclasses.fields(self.model.moe)
+               if f.name not in MOE_SIZE_KEYS.values()}
+        moe["dispatcher"] = s.moe.dispatcher
+        out = s.model_dump()
+        out.update(name=self.name, model=model, moe=moe, train=dataclasses.asdict(self.train))
+        out["checkpoint"]["dir"] = self.checkpoint_dir
+        out["tracking"]["run_name"] = self.run_name
+        return out
+
+
+def _model_config(s: RunSchema) -> ModelConfig:
+    overrides = {k: getattr(s.model, k) for k in s.model.model_fields_set
+                 if k != "preset" and getattr(s.model, k) is not None and k not in MOE_SIZE_KEYS}
+    for key, moe_key in MOE_SIZE_KEYS.items():
+        from_model = getattr(s.model, key)
+        in_moe = moe_key in s.moe.model_fields_set
+        if from_model is not None and in_moe and getattr(s.moe, moe_key) != from_model:
+            raise ConfigError(f"moe.{moe_key}={getattr(s.moe, moe_key)}: conflicts with "
+                              f"model.{key}={from_model}")
+        if from_model is not None:
+            overrides[f"moe_{moe_key}"] = from_model
+    for key in s.moe.model_fields_set - {"dispatcher"}:
+        overrides.setdefault(f"moe_{key}", getattr(s.moe, key))
+    try:
+        return get_preset(s.model.preset, **overrides)
+    except KeyError as err:
+        raise ConfigError(str(err.args[0])) from None
+    except (ValueError, TypeError) as err:
+        raise ConfigError(str(err)) from None
+
+
+def _world_sizes(s: RunSchema) -> tuple[int, ...]:
+    n = s.cluster.num_workers
+    return tuple(sorted(set(n))) if isinstance(n, list) else (n,)
+
+
+def _check_world_divisible(s: RunSchema, world: int) -> None:
+    """Names the axis that breaks `world % (tp*cp*pp)` or `world % (etp*ep*pp)`."""
+    p = s.parallel
+    for axes in (("tp", "cp", "pp"), ("etp", "ep", "pp")):
+        sizes = [getattr(p, a) for a in axes]
+        if any(not isinstance(v, int) or v < 1 for v in sizes):
+            return  # ParallelConfig names the bad value
+        product = sizes[0] * sizes[1] * sizes[2]
+        if world % product == 0:
+            continue
+        culprit = next((a for a in axes if world % getattr(p, a)), None)
+        culprit = culprit or max(axes, key=lambda a: getattr(p, a))
+        raise ConfigError(
+            f"parallel.{culprit}={getattr(p, culprit)}: {'*'.join(axes)} = "
+            f"{'*'.join(map(str, sizes))} = {product} does not divide the world size {world} "
+            f"(cluster.num_workers={fmt_value(s.cluster.num_workers)})")
+
+
+def _check_layout(s: RunSchema, model: ModelConfig, train: TrainConfig, world: int) -> None:
+    _check_world_divisible(s, world)
+    try:
+        parallel = ParallelConfig(world_size=world, **s.parallel.model_dump())
+    except LayoutError as err:
+        raise ConfigError(str(err)) from None
+    try:
+        parallel.validate_for_model(
+            num_heads=model.num_heads, num_kv_heads=model.num_kv_heads,
+            num_experts=model.moe.num_experts, num_layers=model.num_layers,
+            vocab_size=model.vocab_size)
+        train.num_microbatches(parallel.dp)
+    except ValueError as err:
+        raise ConfigError(f"{err} (world size {world})") from None
+    shards = parallel.tp * parallel.cp * (2 if parallel.cp > 1 else 1)
+    if train.seq_len % shards:
+        raise ConfigError(
+            f"train.seq_len={train.seq_len}: must be divisible by tp*cp{'*2' if parallel.cp > 1 else ''}"
+            f" = {shards} (sequence-parallel shards{', load-balanced causal CP chunks' if parallel.cp > 1 else ''})")
+    if train.seq_len > model.max_seq_len:
+        raise ConfigError(f"train.seq_len={train.seq_len}: exceeds model.max_seq_len={model.max_seq_len}")
+
+
+def build_run_config(data: dict, default_name: str = "run") -> RunConfig:
+    try:
+        s = RunSchema.model_validate(data)
+    except ValidationError as err:
+        raise _schema_error(err) from None
+    model = _model_config(s)
+    try:
+        train = TrainConfig(**s.train.model_dump())
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    sizes = _world_sizes(s)
+    for world in sizes:
+        _check_layout(s, model, train, world)
+    return RunConfig(schema=s, name=s.name or default_name, model=model, train=train, world_sizes=sizes)
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> RunConfig:
+    data = apply_overrides(read_yaml(path), overrides or [])
+    return build_run_config(data, default_name=Path(path).stem)
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """Dotted keys for MLflow params: {"a": {"b": 1}} -> {"a.b": 1}."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out

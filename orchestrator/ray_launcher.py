@@ -1,0 +1,141 @@
+"""The worker group on Ray Train V2: TorchTrainer + ScalingConfig + FailureConfig + a
+UserCallback that records worker-group failures for the driver.
+
+Checkpoints are written by engine.checkpoint.CheckpointManager into checkpoint.dir (the
+same format under torchrun); Ray Train provides the worker group, gloo/NCCL setup,
+failure detection and restarts. See docs/orchestration.md for why.
+"""
+from __future__ import annotations
+
+import math
+import os
+import threading
+
+import ray
+from ray.train import (CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig,
+                       UserCallback)
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from workers.ray_worker import train_loop_per_worker
+
+from .config import RunConfig as FoldRunConfig
+from .events import EventWriter
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CODE_PACKAGES = ("engine", "orchestrator", "workers")
+JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"   # set by Ray's job supervisor for a submitted driver
+
+
+class FailureRelay(UserCallback):
+    """Runs in the Ray Train controller (pinned to the driver's node): appends each
+    worker-group failure to the controller's event file before Ray Train restarts the group.
+    Step events do not pass through here: rank 0 writes them itself (workers/reporters.py)."""
+
+    def __init__(self, events_path: str):
+        self.events_path = events_path
+        self.failures = 0
+        self._seen: set[str] = set()
+
+    def after_exception(self, run_context, worker_exceptions) -> None:
+        errors = {str(rank): f"{type(err).__name__}: {err}"[:500]
+                  for rank, err in worker_exceptions.items()}
+        key = repr(sorted(errors.items()))
+        if key in self._seen:   # called on every poll that still sees the same failure
+            return
+        self._seen.add(key)
+        self.failures += 1
+        first = next(iter(errors.values()), "?").splitlines()[0][:200]
+        EventWriter(self.events_path).write("failure", failures=self.failures, errors=errors,
+                                            error=first)
+
+
+def connect_or_start_ray(min_cpus: float) -> bool:
+    """Connects to $RAY_ADDRESS, or starts an embedded local Ray. Returns True if started here.
+
+    address="local" forces a new instance: a bare ray.init() would silently join any
+    `ray start` cluster on this machine."""
+    if ray.is_initialized():
+        return False
+    if os.environ.get("RAY_ADDRESS"):
+        # Inside `ray job submit` the job's runtime env (--working-dir) already carries the
+        # code; a driver connecting from outside ships foldmoe's packages itself.
+        in_job = JOB_CONFIG_ENV in os.environ
+        runtime_env = None if in_job else {"py_modules": [os.path.join(REPO_ROOT, p)
+                                                          for p in CODE_PACKAGES]}
+        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=runtime_env)
+        return False
+    num_cpus = max(os.cpu_count() or 1, math.ceil(min_cpus))
+    pythonpath = os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p)
+    # The dashboard stays on (loopback only): Ray Train V2's placement-group cleaner and the
+    # state API need it, and it is the place to watch the job.
+    ray.init(address="local", num_cpus=num_cpus, dashboard_host="127.0.0.1",
+             runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
+    return True
+
+
+class RayLauncher:
+    """start() launches TorchTrainer.fit() in a thread; poll() returns the exit code when done."""
+
+    def __init__(self, run: FoldRunConfig, spec: dict, job_dir: str, controller_events_path: str):
+        self.run, self.spec, self.job_dir = run, spec, job_dir
+        self.controller_events_path = controller_events_path
+        self.owns_ray = False
+        self.error: str | None = None
+        self._rc: int | None = None
+        self._thread: threading.Thread | None = None
+
+    def _trainer(self) -> TorchTrainer:
+        c = self.run.schema.cluster
+        num_workers = tuple(c.num_workers) if isinstance(c.num_workers, list) else c.num_workers
+        resources = {"CPU": c.cpus_per_worker, **({"GPU": 1} if c.use_gpu else {})}
+        return TorchTrainer(
+            train_loop_per_worker=train_loop_per_worker,
+            train_loop_config=self.spec,
+            torch_config=TorchConfig(backend="nccl" if c.use_gpu else "gloo",
+                                     timeout_s=c.collective_timeout_s),
+            scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=c.use_gpu,
+                                         resources_per_worker=resources),
+            run_config=RunConfig(
+                name=os.path.basename(self.job_dir),
+                storage_path=os.path.dirname(self.job_dir),
+                failure_config=FailureConfig(max_failures=c.max_failures),
+                # Retention of our own checkpoints is CheckpointManager(keep); this keeps Ray's
+                # bookkeeping consistent should a checkpoint ever be reported to it.
+                checkpoint_config=CheckpointConfig(num_to_keep=self.run.schema.checkpoint.keep),
+                callbacks=[FailureRelay(self.controller_events_path)],
+                # Ray Train's own INFO lines would interleave with the driver's progress.
+                logging_config=LoggingConfig(log_level="WARNING")))
+
+    def start(self) -> None:
+        c = self.run.schema.cluster
+        workers = max(c.num_workers) if isinstance(c.num_workers, list) else c.num_workers
+        self.owns_ray = connect_or_start_ray(workers * c.cpus_per_worker)
+        trainer = self._trainer()
+        self._thread = threading.Thread(target=self._fit, args=(trainer,), daemon=True,
+                                        name="ray-train-fit")
+        self._thread.start()
+
+    def _fit(self, trainer: TorchTrainer) -> None:
+        try:
+            trainer.fit()
+            self._rc = 0
+        except BaseException as err:  # noqa: BLE001 - reported by the driver
+            self.error = f"{type(err).__name__}: {err}"
+            self._rc = 1
+
+    def poll(self) -> int | None:
+        if self._thread is not None and self._thread.is_alive():
+            return None
+        return self._rc
+
+    def stop(self, timeout_s: float = 1.5) -> None:
+        """Best effort within timeout_s: the controller and workers are owned by this
+        driver, so they are torn down when it exits even if shutdown does not finish."""
+        if self.owns_ray:
+            closer = threading.Thread(target=ray.shutdown, daemon=True)
+            closer.start()
+            closer.join(timeout_s)
+
+    def close(self) -> None:
+        if self.owns_ray and ray.is_initialized():
+            ray.shutdown()

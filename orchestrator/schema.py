@@ -1,0 +1,140 @@
+"""The YAML schema of one run (pydantic v2, unknown keys rejected, strict types).
+
+The `model`, `moe`, `parallel` and `train` sections are generated from the engine's own
+dataclasses, so every engine field is a config key and the two can never drift apart.
+Only YAML-friendliness is added: a float key also accepts `1e-3`, which YAML 1.1 reads
+as a string.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Annotated, Any, Literal, Optional, Union
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model, field_validator
+
+from engine.models.config import ModelConfig, MoEConfig
+from engine.parallel.config import ParallelConfig
+from engine.train.config import TrainConfig
+
+
+def _float_from_yaml_string(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+Float = Annotated[float, BeforeValidator(_float_from_yaml_string)]
+STRICT = ConfigDict(extra="forbid", strict=True)
+
+# MoE sizes are model shape, so they live in `model`; the rest of MoEConfig is in `moe`.
+MOE_SIZE_KEYS = {"num_experts": "num_experts", "top_k": "top_k",
+                 "moe_ffn_hidden_size": "ffn_hidden_size",
+                 "num_shared_experts": "num_shared_experts",
+                 "shared_ffn_hidden_size": "shared_ffn_hidden_size"}
+
+
+def _yaml_type(tp: Any) -> Any:
+    if tp is float:
+        return Float
+    args = typing.get_args(tp)
+    if float in args and type(None) in args:
+        return Optional[Float]
+    return tp
+
+
+def _section_from_dataclass(name: str, cls: type, *, exclude: set[str] = frozenset(),
+                            all_optional: bool = False, extra: dict | None = None) -> type[BaseModel]:
+    """A strict pydantic section with one key per dataclass field.
+
+    all_optional: every key defaults to None, meaning "take the preset's value"."""
+    hints = typing.get_type_hints(cls)
+    fields: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name in exclude:
+            continue
+        tp = _yaml_type(hints[f.name])
+        if all_optional:
+            fields[f.name] = (Optional[tp], None)
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            fields[f.name] = (tp, default)
+    fields.update(extra or {})
+    return create_model(name, __config__=STRICT, **fields)
+
+
+ModelSection = _section_from_dataclass(
+    "ModelSection", ModelConfig, exclude={"moe"}, all_optional=True,
+    extra={"preset": (str, "tiny-moe"),
+           **{key: (Optional[int], None) for key in MOE_SIZE_KEYS}})
+
+MoESection = _section_from_dataclass(
+    "MoESection", MoEConfig,
+    extra={"dispatcher": (Literal["alltoall", "allgather"], "alltoall")})
+
+ParallelSection = _section_from_dataclass("ParallelSection", ParallelConfig, exclude={"world_size"})
+
+TrainSection = _section_from_dataclass("TrainSection", TrainConfig)
+
+
+class DataSection(BaseModel):
+    model_config = STRICT
+    source: str = "stdlib"            # "stdlib" = this Python's own Lib/*.py, or a dir of .txt/.jsonl
+    tokenizer: str = "byte"           # "byte" or a path to a Hugging Face tokenizer.json
+    cache_dir: str = "data_cache"     # prepared token files, reused across runs
+    max_bytes: Optional[int] = Field(None, ge=1)
+
+
+class ClusterSection(BaseModel):
+    model_config = STRICT
+    num_workers: Union[int, list[int]] = 1   # an int, or [min, max] for elastic Ray Train
+    use_gpu: bool = False
+    cpus_per_worker: Float = Field(1.0, gt=0)
+    max_failures: int = Field(3, ge=0)        # worker-group restarts before the job fails
+    storage_path: str = "runs"                # per-job event log, worker PIDs, Ray Train state
+    collective_timeout_s: int = Field(600, ge=10)  # a hung collective fails the step after this
+
+    @field_validator("num_workers", mode="before")
+    @classmethod
+    def _num_workers(cls, value: Any) -> Any:
+        def positive(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+        if positive(value):
+            return value
+        if isinstance(value, (list, tuple)) and len(value) == 2 and all(map(positive, value)):
+            if value[0] > value[1]:
+                raise ValueError("[min, max] needs min <= max")
+            return list(value)
+        raise ValueError("expected a positive int, or [min, max] of positive ints")
+
+
+class CheckpointSection(BaseModel):
+    model_config = STRICT
+    dir: Optional[str] = None                 # default checkpoints/<name>
+    every_steps: int = Field(0, ge=0)         # 0 = no periodic checkpoints
+    keep: int = Field(2, ge=1)
+    resume: bool = True                       # resume from the latest complete checkpoint in dir
+
+
+class TrackingSection(BaseModel):
+    model_config = STRICT
+    uri: Optional[str] = None                 # default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
+    experiment: str = "foldmoe"
+    run_name: Optional[str] = None            # default: the config name
+    enabled: bool = True
+
+
+class RunSchema(BaseModel):
+    model_config = STRICT
+    name: Optional[str] = None                # default: the config file's stem
+    model: ModelSection = Field(default_factory=ModelSection)
+    moe: MoESection = Field(default_factory=MoESection)
+    parallel: ParallelSection = Field(default_factory=ParallelSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    data: DataSection = Field(default_factory=DataSection)
+    cluster: ClusterSection = Field(default_factory=ClusterSection)
+    checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
+    tracking: TrackingSection = Field(default_factory=TrackingSection)

@@ -1,0 +1,76 @@
+"""`--launcher torchrun`: the same worker loop under torch.distributed.run, without Ray.
+
+Single node: one process per worker (nproc = cluster.num_workers, or its max if elastic),
+a c10d rendezvous on a free local port, `--max-restarts cluster.max_failures` (torchrun
+restarts the whole worker group and the loop resumes from the latest checkpoint). For
+several nodes, run the printed torchrun command on each node with --nnodes/--rdzv-endpoint.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+from .config import RunConfig
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def torchrun_command(run: RunConfig, spec_path: str) -> list[str]:
+    c = run.schema.cluster
+    nproc = max(c.num_workers) if isinstance(c.num_workers, list) else c.num_workers
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
+            f"--nproc-per-node={nproc}", f"--max-restarts={c.max_failures}",
+            "--monitor-interval=0.5", "-m", "workers.torchrun_main", spec_path]
+
+
+class TorchrunLauncher:
+    def __init__(self, run: RunConfig, spec_path: str, log_path: str):
+        self.run, self.spec_path, self.log_path = run, spec_path, log_path
+        self.proc: subprocess.Popen | None = None
+        self.error: str | None = None
+        self._log = None
+
+    def start(self) -> None:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p)
+        env.setdefault("OMP_NUM_THREADS", str(max(1, int(self.run.schema.cluster.cpus_per_worker))))
+        self._log = open(self.log_path, "ab")
+        # Own session: stop() signals torchrun and its workers as one process group.
+        self.proc = subprocess.Popen(torchrun_command(self.run, self.spec_path), env=env,
+                                     stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+
+    def poll(self) -> int | None:
+        rc = self.proc.poll()
+        if rc not in (None, 0) and self.error is None:
+            self.error = f"torchrun exited with code {rc}; last log lines:\n{self._tail()}"
+        return rc
+
+    def _tail(self, lines: int = 25) -> str:
+        try:
+            with open(self.log_path, encoding="utf-8", errors="replace") as handle:
+                return "".join(handle.readlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self, timeout_s: float = 1.5) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        for sig, wait_s in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 1.0)):
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                self.proc.wait(wait_s)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+    def close(self) -> None:
+        self.stop()
+        if self._log is not None:
+            self._log.close()
+            self._log = None

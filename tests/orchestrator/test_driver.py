@@ -1,0 +1,60 @@
+"""Driver pre-flight checks that refuse to start: a checkpoint of another layout, a model
+vocabulary smaller than the tokenizer's."""
+from __future__ import annotations
+
+import signal
+
+import pytest
+import torch
+
+from engine.checkpoint import CheckpointManager
+from orchestrator.cli import main as cli_main
+from orchestrator.config import ConfigError, load_config
+from orchestrator.driver import _signal_of, check_resumable, prepare_data
+
+from .jobs import TINY
+
+
+def _save_checkpoint(root, layout: dict, step: int = 4) -> None:
+    manager = CheckpointManager(str(root), keep=2, rank=0, world_size=1, barrier=lambda: None)
+    manager.save(step, {"tensors": {"model/w": torch.zeros(2)}, "shards": {},
+                        "meta": {"step": step, "layout": layout}})
+
+
+def test_resuming_another_layout_is_refused_before_anything_starts(tmp_path, capsys):
+    saved = {"world_size": 2, "tp": 1, "cp": 1, "pp": 1, "ep": 2, "etp": 1, "vpp": 1}
+    _save_checkpoint(tmp_path / "ckpt", saved)
+    run = load_config(TINY, [f"checkpoint.dir={tmp_path / 'ckpt'}"])
+    with pytest.raises(ConfigError) as info:
+        check_resumable(run, str(tmp_path / "ckpt"))
+    message = str(info.value)
+    assert "world_size: saved=2, this run=4" in message and "tp: saved=1, this run=2" in message
+    assert "not supported yet" in message
+    # Through the CLI: exit 2, one line, and no job directory was created.
+    rc = cli_main(["train", TINY, "--set", f"checkpoint.dir={tmp_path / 'ckpt'}",
+                   "--set", f"cluster.storage_path={tmp_path / 'runs'}"])
+    assert rc == 2
+    assert capsys.readouterr().err.startswith("config error: checkpoint.dir=")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_same_layout_or_resume_off_passes(tmp_path):
+    same = {"world_size": 4, "tp": 2, "cp": 1, "pp": 1, "ep": 4, "etp": 1, "vpp": 1}
+    _save_checkpoint(tmp_path / "ckpt", same)
+    check_resumable(load_config(TINY), str(tmp_path / "ckpt"))
+    other = dict(same, ep=2)
+    _save_checkpoint(tmp_path / "ckpt2", other)
+    check_resumable(load_config(TINY, ["checkpoint.resume=false"]), str(tmp_path / "ckpt2"))
+
+
+def test_model_vocabulary_must_cover_the_tokenizer(data_cache):
+    run = load_config(TINY, ["model.vocab_size=128", f"data.cache_dir={data_cache}"])
+    with pytest.raises(ConfigError, match=r"model.vocab_size=128: smaller than the tokenizer's "
+                                          r"vocabulary \(257"):
+        prepare_data(run, progress=False)
+
+
+def test_signals_arriving_as_exceptions_end_the_run_as_killed():
+    assert _signal_of(KeyboardInterrupt()) == signal.SIGINT
+    assert _signal_of(SystemExit(15)) == signal.SIGTERM   # ray.init's handler: sys.exit(15)
+    assert _signal_of(RuntimeError("worker died")) is None

@@ -1,0 +1,94 @@
+"""The driver-side event consumer: what reaches MLflow, the JSONL and the summary."""
+from __future__ import annotations
+
+import json
+
+from orchestrator.observer import JobObserver, layout_text
+from orchestrator.progress import ProgressDisplay
+from orchestrator.tracking import Tracker, resolve_tracking_uri
+
+
+class RecordingTracker:
+    def __init__(self):
+        self.params, self.steps, self.texts = {}, [], {}
+
+    def log_params(self, params):
+        self.params.update(params)
+
+    def log_step(self, step, record, timestamp_s=None):
+        self.steps.append((step, record["loss"], record.get("restarts")))
+
+    def log_text(self, text, name):
+        self.texts[name] = text
+
+
+START = {"type": "start", "time": 100.0, "world_size": 4, "restarts": 0, "resumed_from_step": None,
+         "layout": {"world_size": 4, "tp": 2, "cp": 1, "pp": 1, "ep": 4, "etp": 1, "vpp": 1},
+         "peak_flops": 1e11, "peak_flops_source": "measured on CPU", "device": "cpu",
+         "params": {"total": 1000, "active": 600}}
+
+
+def _step(step, loss, t, restarts=0):
+    return {"type": "step", "time": t, "step": step, "loss": loss, "restarts": restarts,
+            "step_time_s": 0.5, "tokens_per_s": 10.0, "mfu": 0.01}
+
+
+def test_observer_logs_params_once_and_every_step(tmp_path):
+    tracker, jsonl = RecordingTracker(), tmp_path / "m.jsonl"
+    groups = {"tp": [[0, 1], [2, 3]], "ep": [[0, 1, 2, 3]]}
+    obs = JobObserver(total_steps=3, tracker=tracker, progress=ProgressDisplay(3, live=False),
+                      metrics_jsonl=str(jsonl), layout_groups=lambda world: groups, driver_start=90.0)
+    for event in [START, _step(0, 5.0, 104.0), _step(1, 4.0, 105.0),
+                  {"type": "failure", "time": 106.0, "restarts": 1, "error": "killed"},
+                  dict(START, restarts=1, resumed_from_step=1, time=120.0),
+                  _step(1, 4.0, 121.0, restarts=1), _step(2, 3.0, 122.0, restarts=1)]:
+        obs.handle(event)
+    obs.close()
+    assert tracker.params["layout.dp"] == 2 and tracker.params["layout.edp"] == 1
+    assert tracker.params["params.active"] == 600
+    assert tracker.steps == [(0, 5.0, 0), (1, 4.0, 0), (1, 4.0, 1), (2, 3.0, 1)]
+    assert "tp      [0, 1] [2, 3]" not in tracker.texts["layout.txt"]   # width = longest axis name
+    assert "  tp  [0, 1] [2, 3]" in tracker.texts["layout.txt"]
+    assert [json.loads(l)["step"] for l in jsonl.read_text().splitlines()] == [0, 1, 1, 2]
+    summary = obs.summary(now=130.0)
+    assert summary["time_to_first_step_s"] == 14.0 and summary["job_time_s"] == 40.0
+    assert summary["restarts"] == 1 and summary["final_loss"] == 3.0
+    assert obs.finished_all_steps
+
+
+def test_layout_text_derives_dp_and_edp():
+    text = layout_text(8, {"tp": 2, "cp": 1, "pp": 2, "ep": 2, "etp": 1}, {"pp": [[0, 4]]})
+    assert text.startswith("world size 8: attention tp=2 cp=1 dp=2 pp=2; MoE etp=1 ep=2 edp=2 pp=2")
+
+
+def test_default_tracking_uri_is_sqlite_in_the_working_dir(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert resolve_tracking_uri(None) == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert resolve_tracking_uri(None) == "http://127.0.0.1:5000"
+    assert resolve_tracking_uri("sqlite:///x.db") == "sqlite:///x.db"
+
+
+def test_tracker_survives_a_dead_tracking_store(tmp_path, capsys):
+    tracker = Tracker(f"sqlite:///{tmp_path / 'm.db'}", "exp", "run")
+    class Down:                     # the store goes away mid-run
+        def __getattr__(self, name):
+            def fail(*args, **kwargs):
+                raise ConnectionError("tracking server unreachable")
+            return fail
+
+    tracker.client = Down()
+    tracker.log_step(0, {"loss": 1.0})
+    tracker.log_step(1, {"loss": 1.0})
+    assert capsys.readouterr().err.count("MLflow logging failed") == 1
+
+
+def test_sqlite_artifacts_live_beside_the_database(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path / "..")          # not where the database is
+    store = tmp_path / "store"
+    tracker = Tracker(f"sqlite:///{store / 'mlflow.db'}", "exp", "run")
+    tracker.log_text("hello\n", "note.txt")
+    tracker.finish("FINISHED")
+    (artifact,) = store.glob("mlruns/*/artifacts/note.txt")   # mlruns/<run id>/artifacts
+    assert artifact.read_text() == "hello\n"
