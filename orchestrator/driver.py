@@ -14,7 +14,6 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 
 import yaml
 
@@ -97,31 +96,23 @@ def prepare_data(run: RunConfig, progress: bool) -> str:
 
 def check_resumable(run: RunConfig, checkpoint_dir: str) -> None:
     """Refuses, before anything starts, to resume a checkpoint of another world size or layout."""
-    from engine.checkpoint import describe_layout_diff
-    from engine.train.state import layout_of
+    from engine.checkpoint import describe_layout_diff, latest_checkpoint
+    from engine.checkpoint.manager import MANIFEST
+    from engine.train.state import layout_of_config
 
-    manifest_path = _latest_manifest(checkpoint_dir)
-    if not run.schema.checkpoint.resume or run.elastic or manifest_path is None:
+    latest = latest_checkpoint(checkpoint_dir)
+    if not run.schema.checkpoint.resume or run.elastic or latest is None:
         return
-    with open(manifest_path, encoding="utf-8") as handle:
+    with open(os.path.join(latest, MANIFEST), encoding="utf-8") as handle:
         manifest = json.load(handle)
     world = run.world_sizes[0]
-    current = layout_of(SimpleNamespace(parallel_cfg=run.parallel(world)))
+    current = layout_of_config(run.parallel(world))
     if manifest.get("layout") != current:
         raise ConfigError(
             f"checkpoint.dir={checkpoint_dir}: its latest checkpoint (step {manifest.get('step')}) "
             f"has another layout ({describe_layout_diff(manifest.get('layout'), current)}); "
             "resuming with a different world size or layout is not supported yet: use the "
             "same layout, another checkpoint.dir, or checkpoint.resume=false")
-
-
-def _latest_manifest(checkpoint_dir: str) -> str | None:
-    if not os.path.isdir(checkpoint_dir):
-        return None
-    steps = sorted(name for name in os.listdir(checkpoint_dir)
-                   if name.startswith("step") and os.path.isfile(
-                       os.path.join(checkpoint_dir, name, "manifest.json")))
-    return os.path.join(checkpoint_dir, steps[-1], "manifest.json") if steps else None
 
 
 def _open_tracker(run: RunConfig, launcher: str, job_dir: str) -> Tracker | None:

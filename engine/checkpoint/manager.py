@@ -136,18 +136,11 @@ class CheckpointManager:
 
     def checkpoints(self) -> list[tuple[int, str]]:
         """Complete checkpoints as (step, path), oldest first."""
-        found = []
-        for name in os.listdir(self.root):
-            match = _STEP_DIR.fullmatch(name)
-            path = os.path.join(self.root, name)
-            if match and os.path.isfile(os.path.join(path, MANIFEST)):
-                found.append((int(match.group(1)), path))
-        return sorted(found)
+        return complete_checkpoints(self.root)
 
     def latest(self) -> str | None:
         """The newest complete checkpoint, or None."""
-        found = self.checkpoints()
-        return found[-1][1] if found else None
+        return latest_checkpoint(self.root)
 
     def load(self, path: str, rank: int | None = None, *, layout: dict | None = None) -> dict:
         """This rank's {"tensors", "shards", "meta"} after verifying hashes, world size, layout.
@@ -215,3 +208,22 @@ def _storable(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         seen.add(tensor.untyped_storage().data_ptr())
         out[name] = tensor
     return out
+
+
+def complete_checkpoints(root_dir: str) -> list[tuple[int, str]]:
+    """Complete checkpoints (those with a manifest) under root_dir as (step, path), oldest
+    first; read-only, and empty when root_dir does not exist."""
+    if not os.path.isdir(root_dir):
+        return []
+    found = []
+    for name in os.listdir(root_dir):
+        match = _STEP_DIR.fullmatch(name)
+        path = os.path.join(root_dir, name)
+        if match and os.path.isfile(os.path.join(path, MANIFEST)):
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def latest_checkpoint(root_dir: str) -> str | None:
+    found = complete_checkpoints(root_dir)
+    return found[-1][1] if found else None

@@ -11,9 +11,13 @@ from engine.parallel.param_attrs import is_expert, reduce_axes
 _LAYOUT_KEYS = ("world_size", "tp", "cp", "pp", "ep", "etp", "vpp")
 
 
+def layout_of_config(parallel_cfg) -> dict:
+    """The layout a checkpoint records and a resume must match."""
+    return {key: getattr(parallel_cfg, key) for key in _LAYOUT_KEYS}
+
+
 def layout_of(trainer) -> dict:
-    cfg = trainer.parallel_cfg
-    return {key: getattr(cfg, key) for key in _LAYOUT_KEYS}
+    return layout_of_config(trainer.parallel_cfg)
 
 
 def _shard_info(name: str, tensor: torch.Tensor, param) -> dict:
