@@ -92,6 +92,11 @@ def assert_parity(result: dict, reference: dict, label: str) -> float:
     expected = [m["loss"] for m in reference["metrics"]]
     for got, want in zip(losses, expected, strict=True):
         assert abs(got - want) <= LOSS_RTOL * abs(want), (label, losses, expected)
+    # The global grad norm counts every parameter once whatever the layout (clipping rule).
+    norms = [m["grad_norm"] for m in result["metrics"]]
+    expected_norms = [m["grad_norm"] for m in reference["metrics"]]
+    for got, want in zip(norms, expected_norms, strict=True):
+        assert abs(got - want) <= 1e-5 * abs(want), (label, "grad_norm", norms, expected_norms)
     errors = step_errors(result, reference)
     assert errors[0][0] <= STEP0_TOL, (label, "step 0", errors[0])
     for step, (err, where) in enumerate(errors[1:], start=1):
