@@ -87,3 +87,32 @@ def metric_steps(client, run_id: str, key: str) -> list[tuple[int, float]]:
 
 def artifact_names(client, run_id: str) -> set[str]:
     return {a.path for a in client.list_artifacts(run_id)}
+
+
+def process_alive(pid: int) -> bool:
+    """True for a live process (a zombie awaiting its parent counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def sigterm_after_first_step(args: list[str], cwd: pathlib.Path, env: dict[str, str]):
+    """Starts the CLI, sends SIGTERM once a step is reported (what `ray job stop` does);
+    returns (exit code, seconds from signal to exit, worker pids, output)."""
+    import signal
+
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: read_jsonl(cwd / "m.jsonl"), timeout=240, what="the first step")
+        worker_pids = [int(p.read_text()) for p in (cwd / "runs").glob("*/workers/rank*.pid")]
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(10)
+        elapsed = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return rc, elapsed, worker_pids, proc.stdout.read().decode(errors="replace")

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 
@@ -16,8 +14,8 @@ import pytest
 from orchestrator.config import load_config
 from orchestrator.driver import run_training
 
-from .jobs import (TINY, cli_env, job_overrides, last_per_step, metric_steps, only_run, read_jsonl,
-                   set_args, wait_for)
+from .jobs import (TINY, cli_env, job_overrides, last_per_step, metric_steps, only_run,
+                   process_alive, read_jsonl, set_args, sigterm_after_first_step, wait_for)
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -104,14 +102,6 @@ def test_killed_worker_restarts_and_resumes_bit_exact(uninterrupted, tmp_path, d
           f"time to first step {result.summary['time_to_first_step_s']:.1f}s")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().split()[2] != "Z"
-    except OSError:
-        return False
-
-
 def test_sigterm_to_a_driver_connected_by_ray_address(ray_cluster, tmp_path, data_cache):
     """`foldmoe train` with RAY_ADDRESS joins the running cluster (shipping its code as
     py_modules); SIGTERM (what `ray job stop` sends) ends it within 3 s with the MLflow run
@@ -119,24 +109,12 @@ def test_sigterm_to_a_driver_connected_by_ray_address(ray_cluster, tmp_path, dat
     overrides = job_overrides(tmp_path, data_cache, steps=10_000,
                               extra=["cluster.num_workers=2", "parallel.tp=1", "parallel.ep=2"])
     address = ray_cluster.get_runtime_context().gcs_address
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator.cli", "train", TINY, "--metrics-jsonl", "m.jsonl",
-         *set_args(overrides)], cwd=tmp_path, env=cli_env(RAY_ADDRESS=address),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        wait_for(lambda: read_jsonl(tmp_path / "m.jsonl"), timeout=240, what="the first step")
-        worker_pids = [int(p.read_text()) for p in (tmp_path / "runs").glob("*/workers/rank*.pid")]
-        sent = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        rc = proc.wait(10)
-        elapsed = time.monotonic() - sent
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    output = proc.stdout.read().decode(errors="replace")
+    rc, elapsed, worker_pids, output = sigterm_after_first_step(
+        ["train", TINY, "--metrics-jsonl", "m.jsonl", *set_args(overrides)], tmp_path,
+        cli_env(RAY_ADDRESS=address))
     assert rc == 128 + signal.SIGTERM, output[-3000:]
     assert elapsed < 3.0, elapsed
     assert len(worker_pids) == 2
-    wait_for(lambda: not any(map(_alive, worker_pids)), timeout=30, what="Ray workers to exit")
+    wait_for(lambda: not any(map(process_alive, worker_pids)), timeout=30, what="Ray workers to exit")
     _, run = only_run(f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert run.info.status == "KILLED"

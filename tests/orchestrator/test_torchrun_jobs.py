@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 
 import pytest
@@ -15,7 +14,8 @@ from engine.models.transformer import count_parameters
 from orchestrator.config import load_config
 
 from .jobs import (TINY, artifact_names, cli_env, free_port, job_overrides, metric_steps,
-                   only_run, read_jsonl, run_cli, set_args, wait_for)
+                   only_run, process_alive, read_jsonl, run_cli, set_args, sigterm_after_first_step,
+                   wait_for)
 
 pytestmark = pytest.mark.slow
 
@@ -106,29 +106,14 @@ def test_job_logs_to_a_real_mlflow_server(tmp_path, data_cache, mlflow_server):
 def test_sigterm_stops_the_job_within_3s_and_marks_the_run_killed(tmp_path, data_cache):
     overrides = job_overrides(tmp_path, data_cache, steps=10_000,
                               extra=["cluster.num_workers=2", "parallel.tp=1", "parallel.ep=2"])
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator.cli", "train", TINY, "--launcher", "torchrun",
-         "--metrics-jsonl", "m.jsonl", *set_args(overrides)],
-        cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        wait_for(lambda: read_jsonl(tmp_path / "m.jsonl"), timeout=240, what="the first step")
-        pid_files = list((tmp_path / "runs").glob("*/workers/rank*.pid"))
-        worker_pids = [int(p.read_text()) for p in pid_files]
-        sent = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        rc = proc.wait(10)
-        elapsed = time.monotonic() - sent
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    output = proc.stdout.read().decode(errors="replace")
+    rc, elapsed, worker_pids, output = sigterm_after_first_step(
+        ["train", TINY, "--launcher", "torchrun", "--metrics-jsonl", "m.jsonl", *set_args(overrides)],
+        tmp_path, cli_env())
     assert rc == 128 + signal.SIGTERM, output[-3000:]
     assert elapsed < 3.0, elapsed
     assert len(worker_pids) == 2
 
-    def workers_gone():
-        return not any(os.path.exists(f"/proc/{pid}") and
-                       open(f"/proc/{pid}/stat").read().split()[2] != "Z" for pid in worker_pids)
-    wait_for(workers_gone, timeout=5, what="torchrun workers to exit")
+    wait_for(lambda: not any(map(process_alive, worker_pids)), timeout=5,
+             what="torchrun workers to exit")
     _, run = only_run(f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert run.info.status == "KILLED"

@@ -46,8 +46,8 @@ REPO_ROOT = Path(__file__).resolve().parents[3]
 @pytest.fixture(autouse=True)
 def _skip_if_triton_is_stale(request):
     if STALE_TRITON and request.node.originalname != "test_rerun_in_fresh_process":
-        pytest.skip("triton was imported without TRITON_INTERPRET before this module; "
-                    "test_rerun_in_fresh_process runs this file in a subprocess")
+        pytest.skip(reason="triton was imported without TRITON_INTERPRET before this module; "
+                           "test_rerun_in_fresh_process runs this file in a subprocess")
 
 
 @pytest.mark.skipif(not STALE_TRITON, reason="only needed when triton was imported without the interpreter")
