@@ -31,6 +31,8 @@ class FoldedMesh:
         self.rank = dist.get_rank() if rank is None else rank
         self._groups: dict[str, object] = {}
         self._ranks: dict[str, list[int]] = {}
+        self._subgroups: dict[tuple[str, int], tuple[object, list[int]]] = {}
+        self._timeout = timeout
         if create_groups:
             if dist.get_world_size() != config.world_size:
                 raise ValueError(
@@ -53,6 +55,20 @@ class FoldedMesh:
                 if self.rank in ranks:
                     self._groups[axis] = by_ranks[key]
                     self._ranks[axis] = list(ranks)
+
+    def subgroup(self, axis: str, size: int) -> tuple[object, list[int]]:
+        """(group, ranks) of this rank's run of `size` consecutive ranks of its `axis` group.
+
+        Created on first use and cached. Creation is collective: every rank must ask for the
+        same (axis, size) in the same order (parallel plans are applied on every rank alike)."""
+        key = (axis, size)
+        if key not in self._subgroups:
+            kwargs = {"timeout": self._timeout} if self._timeout is not None else {}
+            for ranks in self.layout.sub_groups(axis, size):
+                group = dist.new_group(ranks=ranks, **kwargs)
+                if self.rank in ranks:
+                    self._subgroups[key] = (group, ranks)
+        return self._subgroups[key]
 
     def group(self, axis: str):
         if axis not in self._groups:

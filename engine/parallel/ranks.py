@@ -101,6 +101,16 @@ class RankLayout:
             out += a2a_groups if axis == "cp_a2a" else ring_groups
         return sorted(out)
 
+    def sub_groups(self, axis: str, size: int) -> list[list[int]]:
+        """Every group of `axis` cut into consecutive runs of `size` ranks (e.g. the TP ranks
+        that share one replicated kv head)."""
+        out = []
+        for group in self.groups(axis):
+            if len(group) % size:
+                raise ValueError(f"{axis} group of {len(group)} ranks cannot be cut into runs of {size}")
+            out += [group[i:i + size] for i in range(0, len(group), size)]
+        return out
+
     def group_of(self, axis: str, rank: int) -> list[int]:
         for group in self.groups(axis):
             if rank in group:

@@ -20,7 +20,6 @@ Expert params are left to engine/moe/parallelize.py (ETP is independent of TP).
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from engine.models.layers import Attention, RMSNorm, SwiGLU
@@ -74,20 +73,16 @@ def kv_replica_groups(mesh: FoldedMesh, num_kv_heads: int) -> list[list[int]]:
     tp = mesh.size("tp")
     if num_kv_heads >= tp:
         return []
-    replicas = tp // num_kv_heads
-    return [tp_ranks[i:i + replicas] for tp_ranks in mesh.layout.groups("tp")
-            for i in range(0, tp, replicas)]
+    return mesh.layout.sub_groups("tp", tp // num_kv_heads)
 
 
 def build_kv_grad_comm(mesh: FoldedMesh, num_kv_heads: int, tp_comm: TPComm) -> TPComm | None:
-    """This rank's kv-replica group (bytes counted on tp_comm too). Collective over the world
-    (every rank creates every group in the same order): all ranks call parallelize_tp equally often."""
-    mine = None
-    for ranks in kv_replica_groups(mesh, num_kv_heads):
-        group = dist.new_group(ranks=ranks)
-        if mesh.rank in ranks:
-            mine = group
-    return None if mine is None else TPComm(mine, parent=tp_comm)
+    """This rank's kv-replica group (bytes counted on tp_comm too); the mesh owns the group."""
+    tp = mesh.size("tp")
+    if num_kv_heads >= tp:
+        return None
+    group, _ = mesh.subgroup("tp", tp // num_kv_heads)
+    return TPComm(group, parent=tp_comm)
 
 
 def _check_shapes(model: nn.Module, tp: int) -> None:

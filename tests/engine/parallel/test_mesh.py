@@ -15,6 +15,11 @@ def _mesh_worker(rank, world, kw):
         value = torch.tensor([float(rank)])
         dist.all_reduce(value, group=mesh.group(axis))
         out[axis] = (mesh.ranks(axis), value.item())
+    group, ranks = mesh.subgroup("tp", 1)
+    assert mesh.subgroup("tp", 1)[0] is group      # cached: created once
+    value = torch.tensor([float(rank)])
+    dist.all_reduce(value, group=group)
+    out["tp/1"] = (ranks, value.item())
     return out
 
 

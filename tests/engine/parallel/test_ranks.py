@@ -97,3 +97,11 @@ def test_kv_heads_replicated_when_fewer_than_tp():
 def test_unknown_axis():
     with pytest.raises(KeyError, match="unknown mesh axis"):
         RankLayout(ParallelConfig(world_size=2)).groups("xp")
+
+
+def test_sub_groups_cut_each_group_into_consecutive_runs():
+    layout = RankLayout(ParallelConfig(world_size=8, tp=4))
+    assert layout.sub_groups("tp", 2) == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert sorted(layout.sub_groups("dp", 1)) == [[r] for r in range(8)]
+    with pytest.raises(ValueError, match="runs of 3"):
+        layout.sub_groups("tp", 3)
