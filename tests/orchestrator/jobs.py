@@ -116,3 +116,15 @@ def sigterm_after_first_step(args: list[str], cwd: pathlib.Path, env: dict[str, 
         if proc.poll() is None:
             proc.kill()
     return rc, elapsed, worker_pids, proc.stdout.read().decode(errors="replace")
+
+
+def stop_process_group(proc: subprocess.Popen, grace_s: float) -> None:
+    """SIGTERM the process group of a server a test started; SIGKILL it after grace_s."""
+    import signal
+
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(15)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import tempfile
 import urllib.error
@@ -19,7 +18,7 @@ import urllib.request
 
 import pytest
 
-from .jobs import ROOT, cli_env, free_port, job_overrides, only_run, wait_for
+from .jobs import ROOT, cli_env, free_port, job_overrides, only_run, stop_process_group, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -59,12 +58,7 @@ def ray_head():
         state = wait_for(answering, timeout=120, interval=0.5, what="ray head")
         yield address, auth, state
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(15)
+        stop_process_group(proc, grace_s=5)
         log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
 

@@ -2,7 +2,6 @@
 and on a real `mlflow server`, the metrics JSONL, and SIGTERM handling."""
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from orchestrator.config import load_config
 
 from .jobs import (TINY, artifact_names, cli_env, free_port, job_overrides, metric_steps,
                    only_run, process_alive, read_jsonl, run_cli, set_args, sigterm_after_first_step,
-                   wait_for)
+                   stop_process_group, wait_for)
 
 pytestmark = pytest.mark.slow
 
@@ -81,12 +80,7 @@ def mlflow_server(tmp_path):
         wait_for(healthy, timeout=120, interval=0.5, what="mlflow server")
         yield uri
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+        stop_process_group(proc, grace_s=10)
 
 
 def test_job_logs_to_a_real_mlflow_server(tmp_path, data_cache, mlflow_server):
