@@ -10,27 +10,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 
 import yaml
 
-from .config import ConfigError, RunConfig, load_config
-
-EXIT_CONFIG = 2
-
+from .config import EXIT_CONFIG, ConfigError, RunConfig, add_config_arguments, load_config
+from .driver import add_train_arguments, train_command
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="foldmoe", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("config", help="run config YAML")
-    common.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, value parsed as YAML (repeatable)")
+    add_config_arguments(common)
     train = sub.add_parser("train", parents=[common], help="run a training job")
-    train.add_argument("--metrics-jsonl", help="append one JSON object per step to this file")
-    train.add_argument("--launcher", choices=("ray", "torchrun"), default="ray")
+    add_train_arguments(train)
     validate = sub.add_parser("validate", parents=[common],
                               help="check a config and print it with the folded layout")
     validate.add_argument("--json", action="store_true", help="one JSON object: config, groups")
@@ -56,19 +50,6 @@ def validate_command(run: RunConfig, as_json: bool) -> int:
     if run.elastic:
         print(f"(elastic: layout also checked for world size {run.world_sizes[0]})")
     return 0
-
-
-def train_command(run: RunConfig, args: argparse.Namespace, driver_start: float) -> int:
-    from .driver import run_training
-
-    result = run_training(run, launcher=args.launcher, metrics_jsonl=args.metrics_jsonl,
-                          driver_start=driver_start)
-    if result.signaled is not None:
-        # Stop within seconds: skip interpreter/Ray teardown; tracking is already flushed.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(result.rc)
-    return result.rc
 
 
 def main(argv: list[str] | None = None) -> int:

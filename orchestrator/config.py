@@ -7,6 +7,7 @@ second. Every problem surfaces as a ConfigError whose message reads
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -17,16 +18,27 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from engine.models.config import ModelConfig, get_preset
+from engine.config.job import JobSpec
+from engine.config.model import ModelConfig, get_preset
 from engine.parallel.config import LayoutError, ParallelConfig
 from engine.parallel.ranks import RankLayout
-from engine.train.config import TrainConfig
+from engine.config.train import TrainConfig, pipeline_schedule_for
 
 from .schema import MOE_SIZE_KEYS, RunSchema
 
 
+EXIT_CONFIG = 2   # the exit code of a refused config, before anything starts
+
+
 class ConfigError(ValueError):
     """A bad config; str(err) is one line naming the key and value."""
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """The config file and its `--set` overrides, shared by every command that takes one."""
+    parser.add_argument("config", help="run config YAML")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, value parsed as YAML (repeatable)")
 
 
 def fmt_value(value: Any) -> str:
@@ -111,6 +123,17 @@ class RunConfig:
         p = self.schema.parallel
         return ParallelConfig(world_size=world_size, **p.model_dump())
 
+    def job_spec(self, *, job_dir: str, data_dir: str, checkpoint_dir: str, events_path: str) -> JobSpec:
+        """What the workers get: the engine's configs and this job's absolute paths."""
+        c, ckpt = self.schema.cluster, self.schema.checkpoint
+        return JobSpec(model=self.model, train=self.train, parallel=self.schema.parallel.model_dump(),
+                       job_dir=job_dir, data_dir=data_dir, checkpoint_dir=checkpoint_dir,
+                       events_path=events_path, dispatcher=self.schema.moe.dispatcher,
+                       use_gpu=c.use_gpu, cpus_per_worker=c.cpus_per_worker,
+                       collective_timeout_s=c.collective_timeout_s,
+                       checkpoint_every_steps=ckpt.every_steps, checkpoint_keep=ckpt.keep,
+                       resume=ckpt.resume)
+
     def layout_table(self, world_size: int) -> dict[str, list[list[int]]]:
         return RankLayout(self.parallel(world_size)).table()
 
@@ -187,6 +210,8 @@ def _check_layout(s: RunSchema, model: ModelConfig, train: TrainConfig, world: i
             num_experts=model.moe.num_experts, num_layers=model.num_layers,
             vocab_size=model.vocab_size)
         train.num_microbatches(parallel.dp)
+        if parallel.pp > 1:
+            pipeline_schedule_for(train.pipeline_schedule, parallel.vpp)
     except ValueError as err:
         raise ConfigError(f"{err} (world size {world})") from None
     shards = parallel.tp * parallel.cp * (2 if parallel.cp > 1 else 1)

@@ -6,6 +6,7 @@ entrypoint; it takes the same arguments as `foldmoe train`.
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -17,8 +18,10 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from .config import ConfigError, RunConfig, flatten
-from .events import EventTail
+from engine.config.job import JobSpec
+from workers.events import EventTail
+
+from .config import EXIT_CONFIG, ConfigError, RunConfig, add_config_arguments, flatten, load_config
 from .observer import JobObserver
 from .progress import ProgressDisplay
 from .tracking import Tracker, resolve_tracking_uri
@@ -134,10 +137,10 @@ def _open_tracker(run: RunConfig, launcher: str, job_dir: str) -> Tracker | None
     return tracker
 
 
-def _make_launcher(kind: str, run: RunConfig, spec: dict, job_dir: str):
+def _make_launcher(kind: str, run: RunConfig, spec: JobSpec, job_dir: str):
     spec_path = os.path.join(job_dir, "spec.json")
     with open(spec_path, "w", encoding="utf-8") as handle:
-        json.dump(spec, handle, indent=1)
+        handle.write(spec.to_json())
     if kind == "torchrun":
         from .torchrun_launcher import TorchrunLauncher
         return TorchrunLauncher(run, spec_path, os.path.join(job_dir, "torchrun.log"))
@@ -159,8 +162,8 @@ def run_training(run: RunConfig, *, launcher: str = "ray", metrics_jsonl: str | 
     data_dir = prepare_data(run, progress=progress.live)
     os.makedirs(job_dir, exist_ok=True)
     events_path = os.path.join(job_dir, WORKER_EVENTS)
-    spec = {"config": run.resolved(), "data_dir": data_dir, "job_dir": job_dir,
-            "checkpoint_dir": checkpoint_dir, "events_path": events_path}
+    spec = run.job_spec(job_dir=job_dir, data_dir=data_dir, checkpoint_dir=checkpoint_dir,
+                        events_path=events_path)
     tracker = _open_tracker(run, launcher, job_dir)
     result = JobResult(rc=1, job_dir=job_dir, run_id=tracker.run_id if tracker else None,
                        tracking_uri=tracker.uri if tracker else None)
@@ -260,11 +263,36 @@ def _print_summary(result: JobResult, run: RunConfig) -> None:
         print(f"error: {result.error}", file=sys.stderr, flush=True)
 
 
-def main(argv: list[str] | None = None) -> int:
-    from .cli import main as cli_main
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--metrics-jsonl", help="append one JSON object per step to this file")
+    parser.add_argument("--launcher", choices=("ray", "torchrun"), default="ray")
 
-    argv = sys.argv[1:] if argv is None else argv
-    return cli_main(["train", *argv])
+
+def train_command(run: RunConfig, args: argparse.Namespace, driver_start: float) -> int:
+    result = run_training(run, launcher=args.launcher, metrics_jsonl=args.metrics_jsonl,
+                          driver_start=driver_start)
+    if result.signaled is not None:
+        # Stop within seconds: skip interpreter/Ray teardown; tracking is already flushed.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(result.rc)
+    return result.rc
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m orchestrator.driver CONFIG [...]`, the entrypoint for `ray job submit`:
+    the same as `foldmoe train CONFIG [...]`."""
+    driver_start = time.time()
+    parser = argparse.ArgumentParser(prog="python -m orchestrator.driver",
+                                     description="run a foldmoe training job (= foldmoe train)")
+    add_config_arguments(parser)
+    add_train_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return train_command(load_config(args.config, args.overrides), args, driver_start)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return EXIT_CONFIG
 
 
 if __name__ == "__main__":

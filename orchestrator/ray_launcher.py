@@ -16,10 +16,11 @@ from ray.train import (CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
                        UserCallback)
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from engine.config.job import JobSpec
+from workers.events import EventWriter
 from workers.ray_worker import train_loop_per_worker
 
 from .config import RunConfig as FoldRunConfig
-from .events import EventWriter
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CODE_PACKAGES = ("engine", "orchestrator", "workers")
@@ -76,7 +77,7 @@ def connect_or_start_ray(min_cpus: float) -> bool:
 class RayLauncher:
     """start() launches TorchTrainer.fit() in a thread; poll() returns the exit code when done."""
 
-    def __init__(self, run: FoldRunConfig, spec: dict, job_dir: str, controller_events_path: str):
+    def __init__(self, run: FoldRunConfig, spec: JobSpec, job_dir: str, controller_events_path: str):
         self.run, self.spec, self.job_dir = run, spec, job_dir
         self.controller_events_path = controller_events_path
         self.owns_ray = False
@@ -90,7 +91,7 @@ class RayLauncher:
         resources = {"CPU": c.cpus_per_worker, **({"GPU": 1} if c.use_gpu else {})}
         return TorchTrainer(
             train_loop_per_worker=train_loop_per_worker,
-            train_loop_config=self.spec,
+            train_loop_config=self.spec.to_dict(),
             torch_config=TorchConfig(backend="nccl" if c.use_gpu else "gloo",
                                      timeout_s=c.collective_timeout_s),
             scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=c.use_gpu,

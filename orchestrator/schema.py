@@ -13,9 +13,9 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model, field_validator
 
-from engine.models.config import ModelConfig, MoEConfig
+from engine.config.model import ModelConfig, MoEConfig
 from engine.parallel.config import ParallelConfig
-from engine.train.config import TrainConfig
+from engine.config.train import TrainConfig
 
 
 def _float_from_yaml_string(value: Any) -> Any:

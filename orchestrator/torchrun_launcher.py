@@ -1,9 +1,9 @@
 """`--launcher torchrun`: the same worker loop under torch.distributed.run, without Ray.
 
-Single node: one process per worker (nproc = cluster.num_workers, or its max if elastic),
-a c10d rendezvous on a free local port, `--max-restarts cluster.max_failures` (torchrun
-restarts the whole worker group and the loop resumes from the latest checkpoint). For
-several nodes, run the printed torchrun command on each node with --nnodes/--rdzv-endpoint.
+One node only: one process per worker (nproc = cluster.num_workers, or its max if elastic),
+torchrun's standalone rendezvous, `--max-restarts cluster.max_failures` (torchrun restarts
+the whole worker group and the loop resumes from the latest checkpoint). Several nodes run
+on Ray (the default launcher), which places the workers and their rendezvous.
 """
 from __future__ import annotations
 

@@ -1,27 +1,30 @@
 """The per-worker training loop, shared by the Ray Train and torchrun launchers.
 
-A worker gets a job spec (plain JSON: the resolved config and absolute paths), joins the
-already-initialised default process group, builds the folded mesh from the world size it
-was given, resumes from the newest complete checkpoint, and runs the remaining steps.
+A worker gets a JobSpec (engine/config/job.py: the engine's configs and absolute paths,
+built by the orchestrator), joins the already-initialised default process group, builds the
+folded mesh from the world size it was given, resumes from the newest complete checkpoint,
+and runs the remaining steps.
 Data for step s is a pure function of (seed, s), so the data position is the step.
 """
 from __future__ import annotations
 
 import os
 import time
+from datetime import timedelta
 from typing import Protocol
 
 import torch
 import torch.distributed as dist
 
 from engine.checkpoint import CheckpointManager
+from engine.compose import build_trainer
+from engine.config.job import JobSpec
 from engine.data import TokenDataset
 from engine.metrics import mfu, peak_flops_per_device, tflops_per_device
 from engine.models.transformer import count_parameters
 from engine.parallel.mesh import FoldedMesh
 from engine.train.state import layout_of
 from engine.train.trainer import Trainer
-from orchestrator.config import RunConfig, build_run_config
 
 
 class Reporter(Protocol):
@@ -32,12 +35,12 @@ class Reporter(Protocol):
     def step(self, record: dict) -> None: ...
 
 
-def worker_device(run: RunConfig) -> torch.device:
-    if run.schema.cluster.use_gpu:
+def worker_device(spec: JobSpec) -> torch.device:
+    if spec.use_gpu:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
-    torch.set_num_threads(max(1, int(run.schema.cluster.cpus_per_worker)))
+    torch.set_num_threads(max(1, int(spec.cpus_per_worker)))
     return torch.device("cpu")
 
 
@@ -51,12 +54,12 @@ def write_pid_file(job_dir: str, rank: int) -> None:
     os.replace(tmp, os.path.join(pid_dir, f"rank{rank}.pid"))
 
 
-def resume(trainer: Trainer, manager: CheckpointManager, run: RunConfig) -> int | None:
+def resume(trainer: Trainer, manager: CheckpointManager, spec: JobSpec) -> int | None:
     """Loads the newest complete checkpoint; returns its step, or None for a fresh start.
 
     A checkpoint of another world size or layout raises CheckpointError naming the
     difference (resharding is the elastic-training issue, not this one)."""
-    if not run.schema.checkpoint.resume:
+    if not spec.resume:
         return None
     path = manager.latest()
     if path is None:
@@ -66,9 +69,9 @@ def resume(trainer: Trainer, manager: CheckpointManager, run: RunConfig) -> int 
     return trainer.completed_steps
 
 
-def _should_save(run: RunConfig, completed: int) -> bool:
-    every = run.schema.checkpoint.every_steps
-    return every > 0 and (completed % every == 0 or completed == run.train.steps)
+def _should_save(spec: JobSpec, completed: int) -> bool:
+    every = spec.checkpoint_every_steps
+    return every > 0 and (completed % every == 0 or completed == spec.train.steps)
 
 
 def step_record(step: int, metrics: dict, world_size: int, peak_flops: float) -> dict:
@@ -81,31 +84,31 @@ def step_record(step: int, metrics: dict, world_size: int, peak_flops: float) ->
     return record
 
 
-def run_worker(spec: dict, reporter: Reporter) -> dict:
+def run_worker(spec: JobSpec, reporter: Reporter) -> dict:
     """Trains from the latest checkpoint to train.steps; returns the last step record."""
-    run = build_run_config(spec["config"])
     rank, world = dist.get_rank(), dist.get_world_size()
-    write_pid_file(spec["job_dir"], rank)
-    device = worker_device(run)
-    parallel = run.parallel(world)
-    mesh = FoldedMesh(parallel)
-    trainer = Trainer(run.model, parallel, run.train, mesh,
-                      dispatcher=run.schema.moe.dispatcher, device=device)
-    dataset = TokenDataset(spec["data_dir"], run.train.seq_len)
-    manager = CheckpointManager(spec["checkpoint_dir"], run.schema.checkpoint.keep, rank, world,
+    write_pid_file(spec.job_dir, rank)
+    device = worker_device(spec)
+    # Every group of the mesh gets the job's timeout: a hung peer fails the collective.
+    mesh = FoldedMesh(spec.parallel_config(world), timeout=timedelta(seconds=spec.collective_timeout_s))
+    trainer = build_trainer(spec.model, spec.train, mesh, dispatcher=spec.dispatcher,
+                            attention_backend=spec.attention_backend, device=device)
+    dataset = TokenDataset(spec.data_dir, spec.train.seq_len)
+    manager = CheckpointManager(spec.checkpoint_dir, spec.checkpoint_keep, rank, world,
                                 barrier=dist.barrier)
-    resumed_from = resume(trainer, manager, run)
-    peak, peak_source = peak_flops_per_device(device, run.train.precision)
+    resumed_from = resume(trainer, manager, spec)
+    peak, peak_source = peak_flops_per_device(device, spec.train.precision)
     reporter.start({"world_size": world, "layout": layout_of(trainer), "rank0_pid": os.getpid(),
                     "resumed_from_step": resumed_from, "peak_flops": peak,
                     "peak_flops_source": peak_source, "device": str(device),
-                    "params": count_parameters(run.model)})
+                    "params": count_parameters(spec.model)})
     record: dict = {}
-    for step in range(resumed_from or 0, run.train.steps):
-        batch = dataset.global_batch(step, run.train.global_batch_size, run.train.seed)
+    train = spec.train
+    for step in range(resumed_from or 0, train.steps):
+        batch = dataset.global_batch(step, train.global_batch_size, train.seed)
         metrics = trainer.train_step(step, batch)
         record = step_record(step, metrics, world, peak)
-        record["checkpointed"] = _should_save(run, step + 1)
+        record["checkpointed"] = _should_save(spec, step + 1)
         if record["checkpointed"]:
             manager.save(step + 1, trainer.checkpoint_state())
         reporter.step(record)

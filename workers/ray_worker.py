@@ -9,14 +9,17 @@ import logging
 
 import ray.train
 
+from engine.config.job import JobSpec
 from workers.loop import run_worker
 from workers.reporters import RayReporter
 
 
-def train_loop_per_worker(spec: dict) -> None:
+def train_loop_per_worker(spec_dict: dict) -> None:
+    """`spec_dict` is JobSpec.to_dict(): plain data, as Ray's train_loop_config carries it."""
+    spec = JobSpec.from_dict(spec_dict)
     # Ray Train logs every report at INFO on every worker (through the root logger, which
     # Ray Train sets to INFO); the driver shows progress instead. Warnings still show.
     logging.getLogger().setLevel(logging.WARNING)
     logging.getLogger("ray.train").setLevel(logging.WARNING)
     rank = ray.train.get_context().get_world_rank()
-    run_worker(spec, RayReporter(spec["events_path"], rank, spec["config"]["train"]["steps"]))
+    run_worker(spec, RayReporter(spec.events_path, rank, spec.train.steps))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from orchestrator.events import EventTail, EventWriter
+from workers.events import EventTail, EventWriter
 
 
 def previous_starts(events_path: str) -> int:

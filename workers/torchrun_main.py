@@ -5,12 +5,12 @@ torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT; this joins the pro
 """
 from __future__ import annotations
 
-import json
 import sys
 from datetime import timedelta
 
 import torch.distributed as dist
 
+from engine.config.job import JobSpec
 from workers.loop import run_worker
 from workers.reporters import FileReporter
 
@@ -18,13 +18,12 @@ from workers.reporters import FileReporter
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     with open(argv[0], encoding="utf-8") as handle:
-        spec = json.load(handle)
-    backend = "nccl" if spec["config"]["cluster"]["use_gpu"] else "gloo"
+        spec = JobSpec.from_json(handle.read())
+    backend = "nccl" if spec.use_gpu else "gloo"
     # A dead or stuck peer must fail the collectives (and trigger a restart), not hang forever.
-    timeout = timedelta(seconds=spec["config"]["cluster"]["collective_timeout_s"])
-    dist.init_process_group(backend, timeout=timeout)
+    dist.init_process_group(backend, timeout=timedelta(seconds=spec.collective_timeout_s))
     try:
-        run_worker(spec, FileReporter(spec["events_path"], dist.get_rank()))
+        run_worker(spec, FileReporter(spec.events_path, dist.get_rank()))
     finally:
         dist.destroy_process_group()
     return 0

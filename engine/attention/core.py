@@ -16,13 +16,12 @@ from .block import block_backward, block_forward
 
 @dataclass
 class AttentionCounters:
-    """Cumulative figures of one attention core (forward and backward together)."""
+    """Block-forward calls of one attention core, forward and backward together (its bytes
+    go to the mesh's Traffic)."""
 
-    bytes_sent: int = 0
     block_forward_calls: int = 0
 
     def reset(self) -> None:
-        self.bytes_sent = 0
         self.block_forward_calls = 0
 
 
@@ -59,10 +58,6 @@ class CountedAttention(nn.Module):
     def __init__(self):
         super().__init__()
         self.counters = AttentionCounters()
-
-    @property
-    def bytes_sent(self) -> int:
-        return self.counters.bytes_sent
 
     @property
     def block_forward_calls(self) -> int:

@@ -10,7 +10,7 @@ NATIVE_GQA = True
 
 
 def _kernels():
-    return importlib.import_module("engine.attention.triton_flash")  # lazy: needs triton + CUDA
+    return importlib.import_module("engine.attention.triton_attention")  # lazy: needs triton + CUDA
 
 
 def is_available() -> bool:

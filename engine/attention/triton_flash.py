@@ -1,4 +1,5 @@
-"""FlashAttention-2 in Triton: forward returning the log-sum-exp, and the launchers for the backward.
+"""FlashAttention-2 in Triton: the forward kernel returning the log-sum-exp, and the device helpers the
+backward kernels (triton_flash_bwd.py) share; the public entry points are in triton_attention.py.
 
 Layout: q [b, s_q, n_q, d], k/v [b, s_k, n_kv, d] (the flash-attn "bshd" layout), lse [b, n_q, s_q] fp32.
 
@@ -30,7 +31,7 @@ import triton
 import triton.language as tl
 from triton.runtime.jit import JITFunction
 
-__all__ = ["triton_attention_forward", "triton_attention_backward", "TritonFlashAttention"]
+__all__ = ["triton_attention_forward"]   # the full API: engine/attention/triton_attention.py
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
@@ -232,34 +233,3 @@ def triton_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out_bsnd, lse_bns
-
-
-def triton_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                              out: torch.Tensor, lse: torch.Tensor, causal: bool, scale: float,
-                              *, block_m: int | None = None, block_n: int | None = None
-                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of the forward above: dq like q, dk/dv like k/v (summed over each kv head's q heads).
-
-    `out`/`lse` may be the merged result of several key chunks (ring attention): each chunk's backward then
-    yields its share of dq and its own dk/dv. lse is used as given, never recomputed.
-    """
-    # Imported here: the backward kernels import the device helpers above from this module.
-    from engine.attention.triton_flash_bwd import attention_backward
-    return attention_backward(dout, q, k, v, out, lse, causal, scale, block_m=block_m, block_n=block_n)
-
-
-class TritonFlashAttention(torch.autograd.Function):
-    """Autograd wrapper: TritonFlashAttention.apply(q, k, v, causal, scale) -> out [b, s_q, n_q, d]."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, causal, scale):
-        out, lse = triton_attention_forward(q, k, v, causal, scale)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.causal, ctx.scale = causal, scale
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = triton_attention_backward(dout, q, k, v, out, lse, ctx.causal, ctx.scale)
-        return dq, dk, dv, None, None

@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from engine.parallel.traffic import Link
+
 KV_TAG = 0
 GRAD_TAG = 1
 
@@ -34,8 +36,8 @@ class RingExchange:
     A ring of one rank returns the buffer itself without communicating.
     """
 
-    def __init__(self, group, ranks: list[int], position: int, counters, tag: int = KV_TAG):
-        self.group, self.size, self.tag, self.counters = group, len(ranks), tag, counters
+    def __init__(self, group, ranks: list[int], position: int, link: Link, tag: int = KV_TAG):
+        self.group, self.size, self.tag, self.link = group, len(ranks), tag, link
         self.next_rank = ranks[(position + 1) % self.size]
         self.prev_rank = ranks[(position - 1) % self.size]
         self._spare: torch.Tensor | None = None
@@ -58,7 +60,7 @@ class RingExchange:
         ops = [dist.P2POp(dist.isend, send_buf, self.next_rank, self.group, self.tag),
                dist.P2POp(dist.irecv, recv_buf, self.prev_rank, self.group, self.tag)]
         self._in_flight = (dist.batch_isend_irecv(ops), send_buf, recv_buf)
-        self.counters.bytes_sent += nbytes(send_buf)
+        self.link.add(nbytes(send_buf))
 
     def wait(self) -> torch.Tensor:
         if self._in_flight is None:
@@ -71,7 +73,7 @@ class RingExchange:
         return received
 
 
-def all_to_all_dim0(x: torch.Tensor, group, counters) -> torch.Tensor:
+def all_to_all_dim0(x: torch.Tensor, group, link: Link) -> torch.Tensor:
     """Block i of dim 0 goes to group rank i; result block j came from group rank j."""
     world = dist.get_world_size(group)
     if x.shape[0] != world:
@@ -79,5 +81,5 @@ def all_to_all_dim0(x: torch.Tensor, group, counters) -> torch.Tensor:
     x = x.contiguous()
     out = torch.empty_like(x)
     dist.all_to_all_single(out, x, group=group)
-    counters.bytes_sent += nbytes(x) // world * (world - 1)  # the own block stays local
+    link.add(nbytes(x) // world * (world - 1))  # the own block stays local
     return out

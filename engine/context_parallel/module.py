@@ -13,12 +13,14 @@ from datetime import timedelta
 import torch.distributed as dist
 
 from engine.attention.core import CountedAttention, LocalAttention, LocalAttentionFunction, default_scale
+from engine.parallel.axes import Axis
+from engine.parallel.config import CP_MODES
+from engine.parallel.traffic import Link, Traffic
 
 from .groups import CpSubGroups
 from .ring import RingAttentionFunction, RingSpec
 from .ulysses import AllToAllSpec, gather_heads, scatter_heads
 
-CP_MODES = ("ring", "a2a", "hybrid")
 
 
 def _check_a2a_size(mode: str, a2a_size: int, cp: int) -> None:
@@ -43,13 +45,15 @@ class ContextParallelAttention(CountedAttention):
 
     For hybrid, pass `sub_groups` (shared by all layers) or `all_cp_ranks` (every CP group of the
     world, so the sub-groups can be created collectively); by default cp_ranks is the only one.
+    Bytes are counted into `traffic` (the mesh's) on cp, or on cp_a2a / cp_ring in hybrid mode.
     """
 
     def __init__(self, cp_group, cp_ranks: list[int], mode: str = "ring", a2a_size: int = 1,
                  backend: str = "auto", *, causal: bool = True, scale: float | None = None,
                  sub_groups: CpSubGroups | None = None, all_cp_ranks: list[list[int]] | None = None,
-                 timeout: timedelta | None = None):
+                 timeout: timedelta | None = None, traffic: Traffic | None = None):
         super().__init__()
+        self.traffic = traffic if traffic is not None else Traffic()
         if mode not in CP_MODES:
             raise ValueError(f"context parallel mode {mode!r}: expected one of {CP_MODES}")
         self.cp_size = len(cp_ranks)
@@ -61,12 +65,16 @@ class ContextParallelAttention(CountedAttention):
             self._set_axes(cp_group, list(cp_ranks), None, [dist.get_rank()])
         else:
             groups = sub_groups or _create_sub_groups(cp_ranks, all_cp_ranks, a2a_size, timeout)
-            self._set_axes(groups.a2a_group, groups.a2a_ranks, groups.ring_group, groups.ring_ranks)
+            self._set_axes(groups.a2a_group, groups.a2a_ranks, groups.ring_group, groups.ring_ranks,
+                           a2a_axis=Axis.CP_A2A, ring_axis=Axis.CP_RING)
 
-    def _set_axes(self, a2a_group, a2a_ranks, ring_group, ring_ranks) -> None:
+    def _set_axes(self, a2a_group, a2a_ranks, ring_group, ring_ranks, *,
+                  a2a_axis: Axis = Axis.CP, ring_axis: Axis = Axis.CP) -> None:
         rank = dist.get_rank()
-        self.a2a = (AllToAllSpec(a2a_group, len(a2a_ranks), self.counters, reorder=self.causal)
+        self.a2a = (AllToAllSpec(a2a_group, len(a2a_ranks), Link(self.traffic, a2a_axis),
+                                 reorder=self.causal)
                     if len(a2a_ranks) > 1 else None)
+        self.ring_link = Link(self.traffic, ring_axis)
         self.ring_group, self.ring_ranks = ring_group, ring_ranks
         self.ring_position = ring_ranks.index(rank)
 
@@ -89,7 +97,7 @@ class ContextParallelAttention(CountedAttention):
                                                     self.backend, self.counters)
         else:
             spec = RingSpec(self.ring_group, self.ring_ranks, self.ring_position, self.causal, scale,
-                            self.backend, self.counters)
+                            self.backend, self.counters, self.ring_link)
             out_bsnd = RingAttentionFunction.apply(q_bsnd, k_bsnd, v_bsnd, spec)
         return out_bsnd if self.a2a is None else gather_heads(out_bsnd, self.a2a)
 
@@ -119,4 +127,4 @@ def build_cp_attention(mesh, mode: str | None = None, a2a_size: int | None = Non
                                             timeout=timeout)
     a2a_size = {"ring": 1, "a2a": mesh.size("cp")}.get(mode, a2a_size)
     return ContextParallelAttention(mesh.group("cp"), mesh.ranks("cp"), mode, a2a_size, backend,
-                                    causal=causal, sub_groups=sub_groups)
+                                    causal=causal, sub_groups=sub_groups, traffic=mesh.traffic)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from engine.attention.block import block_backward
 from engine.attention.core import AttentionCounters, counted_block_forward
+from engine.parallel.traffic import Link
 
 from .comm import GRAD_TAG, KV_TAG, RingExchange
 
@@ -38,7 +39,8 @@ class RingSpec:
     causal: bool
     scale: float
     backend: str
-    counters: AttentionCounters
+    counters: AttentionCounters   # block-forward calls (remat-aware checkpointing checks)
+    link: Link                    # where the ring's bytes are counted
 
     @property
     def size(self) -> int:
@@ -74,7 +76,7 @@ def _kv_slices(kv_2bsnd, keys: slice):
 
 
 def ring_forward(q_bsnd, k_bsnd, v_bsnd, spec: RingSpec):
-    ring = RingExchange(spec.group, spec.ranks, spec.position, spec.counters, tag=KV_TAG)
+    ring = RingExchange(spec.group, spec.ranks, spec.position, spec.link, tag=KV_TAG)
     kv = torch.stack((k_bsnd, v_bsnd))
     out_acc = lse_acc = None
     for step in range(spec.size):
@@ -95,8 +97,8 @@ def ring_forward(q_bsnd, k_bsnd, v_bsnd, spec: RingSpec):
 
 
 def ring_backward(dout_bsnd, q_bsnd, k_bsnd, v_bsnd, out_bsnd, lse_bns, spec: RingSpec):
-    kv_ring = RingExchange(spec.group, spec.ranks, spec.position, spec.counters, tag=KV_TAG)
-    grad_ring = RingExchange(spec.group, spec.ranks, spec.position, spec.counters, tag=GRAD_TAG)
+    kv_ring = RingExchange(spec.group, spec.ranks, spec.position, spec.link, tag=KV_TAG)
+    grad_ring = RingExchange(spec.group, spec.ranks, spec.position, spec.link, tag=GRAD_TAG)
     kv = torch.stack((k_bsnd, v_bsnd))
     dq_acc = torch.zeros(q_bsnd.shape, dtype=torch.float32, device=q_bsnd.device)
     for step in range(spec.size):

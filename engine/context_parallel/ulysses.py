@@ -11,7 +11,7 @@ from math import gcd
 
 import torch
 
-from engine.attention.core import AttentionCounters
+from engine.parallel.traffic import Link
 
 from .comm import all_to_all_dim0
 from .zigzag import gathered_to_true_order
@@ -21,7 +21,7 @@ from .zigzag import gathered_to_true_order
 class AllToAllSpec:
     group: object
     size: int
-    counters: AttentionCounters
+    link: Link     # where the all-to-all bytes are counted
     reorder: bool  # zigzag shards -> true order (needed for causal masks)
 
     def order(self, local_len: int, device) -> torch.Tensor | None:
@@ -34,7 +34,7 @@ def _seq_to_heads(x_bshd, spec: AllToAllSpec):
     b, s_local, heads, d = x_bshd.shape
     # [dest, b, s_local, H/P, d]: head group p goes to group rank p.
     x_pbshd = x_bshd.view(b, s_local, spec.size, heads // spec.size, d).permute(2, 0, 1, 3, 4)
-    y_pbshd = all_to_all_dim0(x_pbshd, spec.group, spec.counters)  # dim 0 is now the source rank
+    y_pbshd = all_to_all_dim0(x_pbshd, spec.group, spec.link)  # dim 0 is now the source rank
     y_bshd = y_pbshd.permute(1, 0, 2, 3, 4).reshape(b, spec.size * s_local, heads // spec.size, d)
     order = spec.order(s_local, x_bshd.device)
     return y_bshd if order is None else y_bshd.index_select(1, order)
@@ -47,7 +47,7 @@ def _heads_to_seq(y_bshd, spec: AllToAllSpec):
     if order is not None:
         y_bshd = y_bshd.index_select(1, torch.argsort(order))
     y_pbshd = y_bshd.view(b, spec.size, s_local, heads_local, d).permute(1, 0, 2, 3, 4)
-    x_pbshd = all_to_all_dim0(y_pbshd, spec.group, spec.counters)  # dim 0: head group
+    x_pbshd = all_to_all_dim0(y_pbshd, spec.group, spec.link)  # dim 0: head group
     return x_pbshd.permute(1, 2, 0, 3, 4).reshape(b, s_local, spec.size * heads_local, d)
 
 

@@ -10,7 +10,7 @@ does not add to them, so MFU stays comparable across recompute settings.
 """
 from __future__ import annotations
 
-from engine.models.config import ModelConfig
+from engine.config.model import ModelConfig
 
 SWIGLU_GEMMS = 3
 

@@ -12,10 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from engine.config.model import ModelConfig
+from engine.layers import Attention, RMSNorm, SwiGLU
 from engine.moe.layer import MoELayer
-
-from .config import ModelConfig
-from .layers import Attention, RMSNorm, SwiGLU
 
 RECOMPUTE_MODES = ("none", "selective", "full", "remat_aware")
 

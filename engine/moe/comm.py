@@ -6,7 +6,8 @@ reduce_scatter need equal sizes); the traffic per rank equals that of the ring v
 Backward passes are the adjoint collectives:
     all_to_all(split s -> r)  <->  all_to_all(split r -> s)
     all_gather_v              <->  reduce_scatter_v (sum)
-A `CommCounter` adds up the bytes this rank sends to *other* ranks, forward and backward.
+A `CommCounter` reports the bytes this rank sends to *other* ranks, forward and backward,
+into the mesh's Traffic on the dispatcher's axis.
 """
 from __future__ import annotations
 
@@ -15,13 +16,18 @@ import math
 import torch
 import torch.distributed as dist
 
+from engine.parallel.traffic import Link
+
 
 class CommCounter:
-    def __init__(self) -> None:
-        self.bytes_sent = 0
+    """Bytes of `rows` rows shaped like x, counted on `link` (None: not counted)."""
+
+    def __init__(self, link: Link | None) -> None:
+        self.link = link
 
     def add(self, rows: int, x: torch.Tensor) -> None:
-        self.bytes_sent += int(rows) * math.prod(x.shape[1:]) * x.element_size()
+        if self.link is not None:
+            self.link.add(int(rows) * math.prod(x.shape[1:]) * x.element_size())
 
 
 def group_size(group) -> int:

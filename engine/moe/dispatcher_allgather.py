@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from engine.parallel.traffic import Link
+
 from .assignment import Assignments
 from .comm import CommCounter, all_gather_counts, all_gather_v, group_rank, group_size, reduce_scatter_v
 from .dispatcher_local import combine_tokens, permute_tokens
@@ -20,15 +22,11 @@ from .experts import GroupedExperts
 
 
 class AllGatherDispatcher(nn.Module):
-    def __init__(self, num_experts: int, dispatch_group, ep_group):
+    def __init__(self, num_experts: int, dispatch_group, ep_group, link: Link | None = None):
         super().__init__()
         self.num_experts = num_experts
         self.dispatch_group, self.ep_group = dispatch_group, ep_group
-        self.counter = CommCounter()
-
-    @property
-    def bytes_sent(self) -> int:
-        return self.counter.bytes_sent
+        self.counter = CommCounter(link)
 
     def _local_expert_range(self) -> tuple[int, int]:
         num_local = self.num_experts // group_size(self.ep_group)

@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from engine.parallel.traffic import Link
+
 from .assignment import Assignments
 from .comm import (CommCounter, all_gather_counts, all_gather_v, all_to_all_v, exchange_counts,
                    group_size, reduce_scatter_v)
@@ -38,15 +40,11 @@ def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
 
 
 class AllToAllDispatcher(nn.Module):
-    def __init__(self, num_experts: int, ep_group, etp_group=None):
+    def __init__(self, num_experts: int, ep_group, etp_group=None, link: Link | None = None):
         super().__init__()
         self.num_experts = num_experts
         self.ep_group, self.etp_group = ep_group, etp_group
-        self.counter = CommCounter()
-
-    @property
-    def bytes_sent(self) -> int:
-        return self.counter.bytes_sent
+        self.counter = CommCounter(link)
 
     def forward(self, x_th: torch.Tensor, assign: Assignments, experts: GroupedExperts) -> torch.Tensor:
         ep, etp = group_size(self.ep_group), group_size(self.etp_group)

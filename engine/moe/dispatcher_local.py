@@ -30,8 +30,6 @@ def combine_tokens(y_nh: torch.Tensor, token_n: torch.Tensor, prob_n: torch.Tens
 class LocalDispatcher(nn.Module):
     """All experts on this rank; no communication."""
 
-    bytes_sent = 0
-
     def forward(self, x_th: torch.Tensor, assign: Assignments, experts: GroupedExperts) -> torch.Tensor:
         x_nh = permute_tokens(x_th, assign.token_n)
         y_nh = experts(x_nh, assign.counts_e.tolist())

@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engine.models.config import MoEConfig
-from engine.models.layers import SwiGLU
+from engine.config.model import MoEConfig
+from engine.layers import SwiGLU
 
 from .assignment import Assignments, build_assignments
 from .aux_loss import (GlobalRoutingStats, attach_aux_loss, collect_routing_stats, seq_aux_loss,

@@ -12,8 +12,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from engine.parallel.axes import Axis
 from engine.parallel.mesh import FoldedMesh
-from engine.parallel.param_attrs import mark_expert, add_slice
+from engine.parallel.param_attrs import add_slice, mark_expert
+from engine.parallel.traffic import Link
 
 from .dispatcher_allgather import AllGatherDispatcher
 from .dispatcher_alltoall import AllToAllDispatcher
@@ -57,9 +59,10 @@ def make_dispatcher(kind: str, num_experts: int, mesh: FoldedMesh) -> nn.Module:
         return LocalDispatcher()     # all experts here: nothing to exchange
     if kind == "local":
         raise ValueError(f"moe dispatcher=local needs ep = etp = 1 (dispatch group {mesh.ranks('etp_ep')})")
+    link = Link(mesh.traffic, Axis.ETP_EP)   # a2a over ep and gathers over etp: both inside it
     if kind == "alltoall":
-        return AllToAllDispatcher(num_experts, mesh.group("ep"), mesh.group("etp"))
-    return AllGatherDispatcher(num_experts, mesh.group("etp_ep"), mesh.group("ep"))
+        return AllToAllDispatcher(num_experts, mesh.group(Axis.EP), mesh.group(Axis.ETP), link)
+    return AllGatherDispatcher(num_experts, mesh.group(Axis.ETP_EP), mesh.group(Axis.EP), link)
 
 
 def parallelize_moe(model: nn.Module, mesh: FoldedMesh, dispatcher: str = "alltoall") -> list[MoELayer]:

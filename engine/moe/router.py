@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.models.config import MoEConfig
+from engine.config.model import MoEConfig
 
 
 @dataclass

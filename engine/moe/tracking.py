@@ -56,11 +56,6 @@ def moe_stats(model_or_layers, reset: bool = True) -> dict[str, float]:
             "load_imbalance": sum(imbalance) / len(imbalance), "load_imbalance_max": max(imbalance)}
 
 
-def moe_comm_bytes(model_or_layers) -> int:
-    """Bytes this rank's dispatchers sent to other ranks, forward and backward, so far."""
-    return sum(int(layer.dispatcher.bytes_sent) for layer in moe_layers(model_or_layers))
-
-
 @torch.no_grad()
 def update_expert_biases(model_or_layers) -> None:
     """After the optimizer step: bias += rate * sign(mean - count) on every layer with an

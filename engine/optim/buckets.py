@@ -20,13 +20,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from engine.parallel.axes import TP_COVERING_AXES, Axis, SubAxis
 from engine.parallel.mesh import FoldedMesh
 from engine.parallel.param_attrs import is_expert, is_tp_sharded, reduce_axes, tp_replicas
 
 ALIGN_ELEMS = 64                      # keeps fp32 shard starts 256-byte aligned
 DEFAULT_BUCKET_BYTES = 25 * 2**20     # of fp32 gradient per bucket
-TP_REPLICA_PREFIX = "tp_replicas:"   # pseudo replica axis: k consecutive TP ranks share a shard
-TP_COVERING_AXES = frozenset(("tp", "tp_cp", "stage"))   # axes whose groups contain the TP group
 
 
 def uses_weight_decay(name: str, param: nn.Parameter) -> bool:
@@ -37,15 +36,15 @@ def uses_weight_decay(name: str, param: nn.Parameter) -> bool:
     return param.ndim >= 2 and parts[-1] != "bias" and "norm" not in owner
 
 
-def replica_axes(param: nn.Parameter) -> tuple[str, ...]:
+def replica_axes(param: nn.Parameter) -> tuple[Axis | SubAxis, ...]:
     """Axes along which the reduced gradient of `param` is identical: its reduce axes, plus
     tp for a dense param that TP does not slice (it is a full copy on every TP rank)."""
     axes = tuple(reduce_axes(param))
     if tp_replicas(param) > 1:    # the same kv-head shard on k consecutive TP ranks
-        return axes + (f"{TP_REPLICA_PREFIX}{tp_replicas(param)}",)
+        return axes + (SubAxis(Axis.TP, tp_replicas(param)),)
     if is_expert(param) or is_tp_sharded(param) or TP_COVERING_AXES.intersection(axes):
         return axes
-    return axes + ("tp",)
+    return axes + (Axis.TP,)
 
 
 @dataclass(frozen=True)
@@ -59,8 +58,8 @@ class ParamSlot:
 
 @dataclass(frozen=True)
 class BucketPlan:
-    reduce_axes: tuple[str, ...]
-    replica_axes: tuple[str, ...]
+    reduce_axes: tuple[Axis, ...]
+    replica_axes: tuple[Axis | SubAxis, ...]
     dtype: torch.dtype
     slots: tuple[ParamSlot, ...]
     padded_numel: int
@@ -92,7 +91,7 @@ class BucketPlan:
         hi = min(slot.offset + slot.numel, self.shard_end)
         return (lo - slot.offset, hi - slot.offset) if lo < hi else None
 
-    def reduction_steps(self, mesh: FoldedMesh) -> list[tuple[str, str]]:
+    def reduction_steps(self, mesh: FoldedMesh) -> list[tuple[str, Axis]]:
         """[(collective, axis)] that SUM the gradient; trivial (size-1) axes are skipped."""
         steps = [("all_reduce", axis) for axis in self.reduce_axes]
         if self.shard_axis is not None:
@@ -102,13 +101,7 @@ class BucketPlan:
     def counts_in_norm(self, mesh: FoldedMesh) -> bool:
         """Whether this rank adds the bucket to the global grad norm: exactly one holder of
         each distinct value does (index 0 on every replica axis; a ZeRO shard is distinct)."""
-        return all(_first_replica(mesh, axis) for axis in self.replica_axes if axis != self.shard_axis)
-
-
-def _first_replica(mesh: FoldedMesh, axis: str) -> bool:
-    if axis.startswith(TP_REPLICA_PREFIX):
-        return mesh.rank_in("tp") % int(axis[len(TP_REPLICA_PREFIX):]) == 0
-    return mesh.rank_in(axis) == 0
+        return all(mesh.rank_in(axis) == 0 for axis in self.replica_axes if axis != self.shard_axis)
 
 
 def _bucket_key(param: nn.Parameter) -> tuple:

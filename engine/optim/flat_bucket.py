@@ -15,11 +15,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from engine.parallel.axes import Axis
 from engine.parallel.mesh import FoldedMesh
+from engine.parallel.traffic import ring_all_reduce_bytes, ring_gather_bytes
 
 from .buckets import BucketPlan
-from .comm import (all_gather_into, all_reduce_bytes, all_reduce_sum, axis_kind, gather_scatter_bytes,
-                   reduce_scatter_sum)
+from .comm import all_gather_into, all_reduce_sum, reduce_scatter_sum
 
 
 @dataclass(frozen=True)
@@ -32,9 +33,8 @@ class AdamRange:
     decay: bool
 
 
-def _add_bytes(counter: dict[str, int], axis: str, nbytes: int) -> None:
-    kind = axis_kind(axis)
-    counter[kind] = counter.get(kind, 0) + nbytes
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
 
 
 class FlatBucket:
@@ -88,38 +88,38 @@ class FlatBucket:
         self.grad_buffer.zero_()
         self._gathered_grad = None
 
-    def _run(self, op: str, axis: str, mesh: FoldedMesh, async_op: bool, counter: dict[str, int]):
+    def _run(self, op: str, axis: Axis, mesh: FoldedMesh, async_op: bool):
         group, size = mesh.group(axis), mesh.size(axis)
         if op == "reduce_scatter":
-            _add_bytes(counter, axis, gather_scatter_bytes(self.grad_buffer, size))
+            mesh.traffic.add(axis, ring_gather_bytes(_nbytes(self.grad_buffer), size))
             return reduce_scatter_sum(self.reduced_grad(), self.grad_buffer, group, async_op)
-        _add_bytes(counter, axis, all_reduce_bytes(self.reduced_grad(), size))
+        mesh.traffic.add(axis, ring_all_reduce_bytes(_nbytes(self.reduced_grad()), size))
         return all_reduce_sum(self.reduced_grad(), group, async_op)
 
-    def launch_reduce(self, mesh: FoldedMesh, counter: dict[str, int]) -> None:
+    def launch_reduce(self, mesh: FoldedMesh) -> None:
         """Starts the first reduction asynchronously (the one over the shard / first axis)."""
         steps = self.plan.reduction_steps(mesh)
         if steps:
-            self.pending_work = self._run(*steps[0], mesh, True, counter)
+            self.pending_work = self._run(*steps[0], mesh, True)
 
-    def complete_reduce(self, mesh: FoldedMesh, counter: dict[str, int]) -> None:
+    def complete_reduce(self, mesh: FoldedMesh) -> None:
         """Waits for the first reduction, then sums over the remaining axes (on the shard)."""
         if self.pending_work is not None:
             self.pending_work.wait()
             self.pending_work = None
         for op, axis in self.plan.reduction_steps(mesh)[1:]:
-            self._run(op, axis, mesh, False, counter)
+            self._run(op, axis, mesh, False)
 
     @torch.no_grad()
-    def publish_params(self, mesh: FoldedMesh, counter: dict[str, int]) -> None:
+    def publish_params(self, mesh: FoldedMesh) -> None:
         """Writes the updated master weights into the model params (cast, then ZeRO-1 gather)."""
         plan = self.plan
         owned = self.param_buffer[plan.shard_start:plan.shard_end]
         if self.separate_main:
             owned.copy_(self.main_param)
         if plan.shard_axis is not None and mesh.size(plan.shard_axis) > 1:
-            _add_bytes(counter, plan.shard_axis,
-                       gather_scatter_bytes(self.param_buffer, mesh.size(plan.shard_axis)))
+            mesh.traffic.add(plan.shard_axis,
+                             ring_gather_bytes(_nbytes(self.param_buffer), mesh.size(plan.shard_axis)))
             all_gather_into(self.param_buffer, owned, mesh.group(plan.shard_axis))
 
     def full_grad(self, mesh: FoldedMesh) -> torch.Tensor:

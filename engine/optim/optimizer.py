@@ -19,8 +19,8 @@ import torch
 from torch import nn
 from torch.optim.adamw import adamw
 
+from engine.config.train import TrainConfig
 from engine.parallel.mesh import FoldedMesh
-from engine.train.config import TrainConfig
 
 from .buckets import DEFAULT_BUCKET_BYTES, plan_buckets
 from .clip import clip_, global_grad_norm
@@ -40,10 +40,9 @@ class FoldedOptimizer:
         self._bucket_of = {slot.index: b for b, plan in enumerate(plans) for slot in plan.slots}
         self._slot_of = {slot.index: slot for plan in plans for slot in plan.slots}
         self._index_of = {id(param): i for i, param in enumerate(self.params)}
-        self._hooks = [self.params[i].register_post_accumulate_grad_hook(self._grad_hook(i))
-                       for i in self._bucket_of]
+        for i in self._bucket_of:
+            self.params[i].register_post_accumulate_grad_hook(self._grad_hook(i))
         self.adam_step = 0
-        self.comm_bytes: dict[str, int] = {}   # this step: grad reduction + ZeRO-1 param gather
         self.launched_in_backward = 0           # buckets whose reduction started in backward
         self._num_microbatches: int | None = None
         self._synced = False
@@ -81,7 +80,7 @@ class FoldedOptimizer:
     def _launch_ready_buckets(self) -> None:
         """Launches the complete buckets at the head of the launch order."""
         while self._next_launch < len(self.buckets) and self._missing[self._next_launch] == 0:
-            self.buckets[self._next_launch].launch_reduce(self.mesh, self.comm_bytes)
+            self.buckets[self._next_launch].launch_reduce(self.mesh)
             self._next_launch += 1
             self.launched_in_backward += 1
 
@@ -95,19 +94,18 @@ class FoldedOptimizer:
             bucket.reset_grads()
         self._num_microbatches = num_microbatches
         self._synced = False
-        self.comm_bytes, self.launched_in_backward = {}, 0
+        self.launched_in_backward = 0
         self._reset_step_counters()
 
-    def finish_grad_sync(self) -> dict[str, int]:
-        """Launches the remaining buckets (all of them without overlap), waits for every
-        reduction; returns the bytes this rank sent per axis kind ("dp", "tp", ...)."""
+    def finish_grad_sync(self) -> None:
+        """Launches the remaining buckets (all of them without overlap) and waits for every
+        reduction (their bytes go to the mesh's Traffic, per axis)."""
         for bucket in self.buckets[self._next_launch:]:
-            bucket.launch_reduce(self.mesh, self.comm_bytes)
+            bucket.launch_reduce(self.mesh)
         self._next_launch = len(self.buckets)
         for bucket in self.buckets:
-            bucket.complete_reduce(self.mesh, self.comm_bytes)
+            bucket.complete_reduce(self.mesh)
         self._synced = True
-        return dict(self.comm_bytes)
 
     def synced_grad(self, param: nn.Parameter) -> torch.Tensor:
         """The reduced fp32 gradient of `param`, shaped like it (for tests and debugging;
@@ -146,7 +144,7 @@ class FoldedOptimizer:
             self._adamw([r for b in self.buckets for r in b.adam_ranges if r.decay == decay],
                         lr, self.cfg.weight_decay if decay else 0.0)
         for bucket in self.buckets:
-            bucket.publish_params(self.mesh, self.comm_bytes)
+            bucket.publish_params(self.mesh)
         self._synced = False
         return lr
 
@@ -169,8 +167,3 @@ class FoldedOptimizer:
         """Restores a state saved with the same layout; raises ValueError otherwise. Model
         params are restored separately (fp32 params are their own master weights)."""
         self.adam_step = load_optimizer_state(self.buckets, state, self.cfg.zero1)
-
-    def remove_hooks(self) -> None:
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks = []

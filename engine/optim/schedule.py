@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 
-from engine.train.config import TrainConfig
+from engine.config.train import TrainConfig
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

@@ -9,8 +9,10 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
+from .axes import Axis, SubAxis
 from .config import ParallelConfig
 from .ranks import AXES, EXTRA_AXES, RankLayout
+from .traffic import Traffic
 
 ALL_AXES = tuple(AXES) + EXTRA_AXES
 
@@ -20,7 +22,8 @@ class FoldedMesh:
 
     `group(axis)` is this rank's group on that axis; axes: tp, cp, dp, pp, dp_cp,
     tp_cp, stage, etp, ep, edp, etp_ep, embed, cp_a2a and cp_ring (hybrid CP). Groups with identical rank lists are
-    created once and shared.
+    created once and shared. `traffic` is the byte counter every module that communicates
+    over these groups reports into (engine/parallel/traffic.py).
     """
 
     def __init__(self, config: ParallelConfig, rank: int | None = None, *,
@@ -33,6 +36,7 @@ class FoldedMesh:
         self._ranks: dict[str, list[int]] = {}
         self._subgroups: dict[tuple[str, int], tuple[object, list[int]]] = {}
         self._timeout = timeout
+        self.traffic = Traffic()
         if create_groups:
             if dist.get_world_size() != config.world_size:
                 raise ValueError(
@@ -56,7 +60,7 @@ class FoldedMesh:
                     self._groups[axis] = by_ranks[key]
                     self._ranks[axis] = list(ranks)
 
-    def subgroup(self, axis: str, size: int) -> tuple[object, list[int]]:
+    def subgroup(self, axis: Axis, size: int) -> tuple[object, list[int]]:
         """(group, ranks) of this rank's run of `size` consecutive ranks of its `axis` group.
 
         Created on first use and cached. Creation is collective: every rank must ask for the
@@ -70,18 +74,21 @@ class FoldedMesh:
                     self._subgroups[key] = (group, ranks)
         return self._subgroups[key]
 
-    def group(self, axis: str):
+    def group(self, axis: Axis):
         if axis not in self._groups:
             raise KeyError(f"no process group for axis {axis!r} (created: {bool(self._groups)})")
         return self._groups[axis]
 
-    def ranks(self, axis: str) -> list[int]:
+    def ranks(self, axis: Axis) -> list[int]:
         return self._ranks[axis]
 
-    def size(self, axis: str) -> int:
-        return len(self._ranks[axis])
+    def size(self, axis: Axis | SubAxis) -> int:
+        return axis.size if isinstance(axis, SubAxis) else len(self._ranks[axis])
 
-    def rank_in(self, axis: str) -> int:
+    def rank_in(self, axis: Axis | SubAxis) -> int:
+        """Position of this rank in its group of `axis` (in its run, for a SubAxis)."""
+        if isinstance(axis, SubAxis):
+            return self.rank_in(axis.axis) % axis.size
         return self._ranks[axis].index(self.rank)
 
     @property

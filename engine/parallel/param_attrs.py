@@ -15,15 +15,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-DENSE_AXES = ("dp_cp",)
-EXPERT_AXES = ("edp",)
+from .axes import Axis
+
+DENSE_AXES = (Axis.DP_CP,)
+EXPERT_AXES = (Axis.EDP,)
 
 
-def set_reduce_axes(param: nn.Parameter, axes: tuple[str, ...]) -> None:
-    param.foldmoe_reduce_axes = tuple(axes)
+def set_reduce_axes(param: nn.Parameter, axes: tuple[Axis, ...]) -> None:
+    param.foldmoe_reduce_axes = tuple(Axis(a) for a in axes)
 
 
-def reduce_axes(param: nn.Parameter) -> tuple[str, ...]:
+def reduce_axes(param: nn.Parameter) -> tuple[Axis, ...]:
     return getattr(param, "foldmoe_reduce_axes", DENSE_AXES)
 
 
@@ -43,6 +45,15 @@ def mark_tp_sharded(param: nn.Parameter, dim: int) -> None:
 
 def is_tp_sharded(param: nn.Parameter) -> bool:
     return getattr(param, "foldmoe_tp_sharded", False)
+
+
+def tp_dim(param: nn.Parameter) -> int | None:
+    """The dim TP slices a tp_sharded param along; None for the others."""
+    return getattr(param, "foldmoe_tp_dim", None)
+
+
+def set_tp_replicas(param: nn.Parameter, count: int) -> None:
+    param.foldmoe_tp_replicas = int(count)
 
 
 def tp_replicas(param: nn.Parameter) -> int:
@@ -79,6 +90,11 @@ def apply_slices(full, slices):
     return out
 
 
+def slices(param: nn.Parameter) -> tuple:
+    """The recorded (dim, start, length) slices of `param`, in the order they were applied."""
+    return tuple(getattr(param, "foldmoe_slices", ()))
+
+
 def global_slice(param: nn.Parameter, full: torch.Tensor) -> torch.Tensor:
     """The part of the unsharded tensor `full` that this rank's `param` holds."""
-    return apply_slices(full, getattr(param, "foldmoe_slices", ()))
+    return apply_slices(full, slices(param))

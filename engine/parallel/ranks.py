@@ -10,28 +10,29 @@ from dataclasses import dataclass
 from functools import cached_property
 from itertools import product
 
+from .axes import Axis
 from .config import ParallelConfig
 
 ATTENTION_ORDER = ("tp", "cp", "dp", "pp")
 MOE_ORDER = ("etp", "ep", "edp", "pp")
 
 # axis name -> (which generator, which of its axes vary inside one group)
-AXES: dict[str, tuple[str, tuple[str, ...]]] = {
-    "tp": ("attention", ("tp",)),
-    "cp": ("attention", ("cp",)),
-    "dp": ("attention", ("dp",)),
-    "pp": ("attention", ("pp",)),
-    "dp_cp": ("attention", ("cp", "dp")),      # dense gradient reduction
-    "tp_cp": ("attention", ("tp", "cp")),      # ranks sharing one sequence
-    "stage": ("attention", ("tp", "cp", "dp")),  # all ranks of one pipeline stage
-    "etp": ("moe", ("etp",)),
-    "ep": ("moe", ("ep",)),
-    "edp": ("moe", ("edp",)),                  # expert gradient reduction
-    "etp_ep": ("moe", ("etp", "ep")),          # token dispatcher group
+AXES: dict[Axis, tuple[str, tuple[str, ...]]] = {
+    Axis.TP: ("attention", ("tp",)),
+    Axis.CP: ("attention", ("cp",)),
+    Axis.DP: ("attention", ("dp",)),
+    Axis.PP: ("attention", ("pp",)),
+    Axis.DP_CP: ("attention", ("cp", "dp")),      # dense gradient reduction
+    Axis.TP_CP: ("attention", ("tp", "cp")),      # ranks sharing one sequence
+    Axis.STAGE: ("attention", ("tp", "cp", "dp")),  # all ranks of one pipeline stage
+    Axis.ETP: ("moe", ("etp",)),
+    Axis.EP: ("moe", ("ep",)),
+    Axis.EDP: ("moe", ("edp",)),                  # expert gradient reduction
+    Axis.ETP_EP: ("moe", ("etp", "ep")),          # token dispatcher group
 }
 
 
-EXTRA_AXES = ("embed", "cp_a2a", "cp_ring")
+EXTRA_AXES = (Axis.EMBED, Axis.CP_A2A, Axis.CP_RING)
 
 
 def split_cp_group(cp_ranks: list[int], a2a_size: int) -> tuple[list[list[int]], list[list[int]]]:

@@ -13,18 +13,19 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
+from engine.parallel.traffic import Link
+
 
 class StageP2P:
-    """Fixed-shape p2p over one PP group, with byte counters."""
+    """Fixed-shape p2p over one PP group; the bytes it sends count on `link` (the mesh's
+    Traffic, pp axis)."""
 
-    def __init__(self, group, shape: Sequence[int], dtype: torch.dtype,
+    def __init__(self, group, shape: Sequence[int], dtype: torch.dtype, link: Link,
                  device: torch.device | str = "cpu"):
-        self.group = group
+        self.group, self.link = group, link
         self.shape = torch.Size(shape)
         self.dtype = dtype
         self.device = torch.device(device)
-        self.bytes_sent = 0
-        self.bytes_received = 0
 
     def _check(self, tensor: torch.Tensor) -> torch.Tensor:
         if tensor.shape != self.shape or tensor.dtype != self.dtype:
@@ -46,7 +47,5 @@ class StageP2P:
         if ops:
             for work in dist.batch_isend_irecv(ops):
                 work.wait()
-        nbytes = self.shape.numel() * self.dtype.itemsize
-        self.bytes_sent += nbytes * len(payloads)
-        self.bytes_received += nbytes * len(received)
+        self.link.add(self.shape.numel() * self.dtype.itemsize * len(payloads))
         return received

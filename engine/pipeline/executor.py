@@ -1,6 +1,6 @@
 """Runs one PP rank's action list: forwards, backwards and the p2p exchanges between them.
 
-Loss convention (design.md): `loss_fn` already divides by the global token count, so the
+Loss convention (docs/architecture.md, "Loss normalisation"): `loss_fn` already divides by the global token count, so the
 executor backpropagates each micro-batch loss as is (no 1/m scaling) and parameter grads
 accumulate over micro-batches in `.grad`.
 """
@@ -11,6 +11,9 @@ from typing import Callable, Sequence
 
 import torch
 from torch import nn
+
+from engine.parallel.axes import Axis
+from engine.parallel.traffic import Link
 
 from .bubble import TimedAction
 from .comm import StageP2P
@@ -37,7 +40,8 @@ class PipelineExecutor:
         self.p2p = None
         if self.pp > 1:
             device = device if device is not None else _device_of(self.chunks)
-            self.p2p = StageP2P(mesh.group("pp"), activation_shape, dtype, device)
+            self.p2p = StageP2P(mesh.group(Axis.PP), activation_shape, dtype,
+                                Link(mesh.traffic, Axis.PP), device)
             self._global_ranks = mesh.ranks("pp")
         self.timeline: list[TimedAction] = []        # compute actions, perf_counter seconds
         self.comm_timeline: list[TimedAction] = []   # each action of an exchange, shared span
@@ -49,12 +53,6 @@ class PipelineExecutor:
     @property
     def is_last_stage(self) -> bool:
         return rank_of_chunk(self.num_chunks - 1, self.pp) == self.rank
-
-    @property
-    def comm_bytes(self) -> dict[str, int]:
-        if self.p2p is None:
-            return {"sent": 0, "received": 0}
-        return {"sent": self.p2p.bytes_sent, "received": self.p2p.bytes_received}
 
     def _check_actions(self) -> None:
         if not self.actions:

@@ -20,9 +20,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator
 
+from engine.config.train import pipeline_schedule_for
+
 COMPUTE_KINDS = ("F", "B")
 COMM_KINDS = ("SEND_F", "RECV_F", "SEND_B", "RECV_B")
-SCHEDULES = ("gpipe", "1f1b", "interleaved")
 
 
 class ScheduleError(ValueError):
@@ -212,14 +213,12 @@ def interleaved_1f1b(pp: int, vpp: int, m: int) -> list[list[Action]]:
 
 
 def build_schedule(name: str, pp: int, m: int, vpp: int = 1) -> list[list[Action]]:
-    """The schedule `train.pipeline_schedule` names; `interleaved` needs vpp > 1 and the
-    other two vpp == 1."""
+    """The schedule `train.pipeline_schedule` names (rule in engine.config.train.
+    pipeline_schedule_for: `auto` picks by vpp, an explicit name must fit vpp)."""
+    try:
+        name = pipeline_schedule_for(name, vpp)
+    except ValueError as err:
+        raise ScheduleError(str(err)) from None
     if name == "interleaved":
         return interleaved_1f1b(pp, vpp, m)
-    if name not in SCHEDULES:
-        raise ScheduleError(f"train.pipeline_schedule={name!r}: expected one of {SCHEDULES}")
-    if vpp != 1:
-        raise ScheduleError(
-            f"train.pipeline_schedule={name} runs one chunk per rank; parallel.vpp={vpp} needs "
-            "train.pipeline_schedule=interleaved")
     return gpipe(pp, m) if name == "gpipe" else one_f_one_b(pp, m)

@@ -16,7 +16,7 @@ the same), counted like Megatron's FLOPs formula (reference.md, training.py):
 """
 from __future__ import annotations
 
-from engine.models.config import ModelConfig
+from engine.config.model import ModelConfig
 
 
 def attention_cost(cfg: ModelConfig, seq_len: int) -> int:

@@ -12,13 +12,17 @@ before the features, so flattened [tokens, h] works too). Gathers and reduce-sca
 the chosen dim to the front and use torch's single-tensor collectives on the contiguous
 buffer, so rank r owns chunk r of that dim.
 
-Byte accounting (per rank, bytes put on the wire by a ring algorithm): all-gather and
-reduce-scatter (n-1)/n of the full buffer, all-reduce 2(n-1)/n, split nothing.
+Byte accounting: every collective reports the bytes this rank puts on the wire into the
+mesh's Traffic on the comm's axis (ring volumes, engine/parallel/traffic.py); split sends
+nothing.
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+
+from engine.parallel.axes import Axis, SubAxis
+from engine.parallel.traffic import Traffic, ring_all_reduce_bytes, ring_gather_bytes
 
 SEQ_DIM = 1
 
@@ -28,31 +32,29 @@ def nbytes(tensor: torch.Tensor) -> int:
 
 
 class TPComm:
-    """A TP (or TP-subgroup) process group plus the bytes this rank sent through it.
+    """A TP (or TP-subgroup) process group and the Traffic its bytes are counted into.
 
-    A sub-group of TP passes the TP comm as `parent` so its bytes count on the TP axis too.
+    A sub-group of TP (the ranks sharing a replicated kv head) has a SubAxis of TP, so its
+    bytes count on the TP axis.
     """
 
-    def __init__(self, group, parent: "TPComm | None" = None):
+    def __init__(self, group, traffic: Traffic, axis: Axis | SubAxis = Axis.TP):
         self.group = group
         self.size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
-        self.parent = parent
-        self.bytes_sent = 0
+        self.traffic, self.axis = traffic, axis
 
     def _count(self, num_bytes: int) -> None:
-        self.bytes_sent += num_bytes
-        if self.parent is not None:
-            self.parent._count(num_bytes)
+        self.traffic.add(self.axis, num_bytes)
 
     def __repr__(self) -> str:
-        return f"TPComm(rank={self.rank}, size={self.size}, bytes_sent={self.bytes_sent})"
+        return f"TPComm(rank={self.rank}, size={self.size}, axis={self.axis})"
 
     def all_reduce(self, tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
         """In place on a contiguous tensor; returns it."""
         if self.size > 1:
             dist.all_reduce(tensor, op=op, group=self.group)
-            self._count(2 * (self.size - 1) * nbytes(tensor) // self.size)
+            self._count(ring_all_reduce_bytes(nbytes(tensor), self.size))
         return tensor
 
     def all_gather(self, x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -62,7 +64,7 @@ class TPComm:
         front = x.movedim(dim, 0).contiguous()
         out = front.new_empty((self.size * front.shape[0],) + tuple(front.shape[1:]))
         dist.all_gather_single(out, front, group=self.group)
-        self._count((self.size - 1) * nbytes(front))
+        self._count(ring_gather_bytes(nbytes(out), self.size))
         return out.movedim(0, dim).contiguous()
 
     def reduce_scatter(self, x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -73,7 +75,7 @@ class TPComm:
         self._check_divisible(front.shape[0], dim)
         out = front.new_empty((front.shape[0] // self.size,) + tuple(front.shape[1:]))
         dist.reduce_scatter_single(out, front, group=self.group)
-        self._count((self.size - 1) * nbytes(out))
+        self._count(ring_gather_bytes(nbytes(front), self.size))
         return out.movedim(0, dim).contiguous()
 
     def split(self, x: torch.Tensor, dim: int) -> torch.Tensor:

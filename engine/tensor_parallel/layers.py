@@ -20,6 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from engine.parallel.axes import TP_COVERING_AXES, Axis
 from engine.parallel.param_attrs import add_slice, copy_attrs, mark_tp_sharded, reduce_axes, set_reduce_axes
 
 from .comm import (TPComm, copy_to_tp_region, gather_from_sequence_parallel, reduce_from_tp_region,
@@ -28,9 +29,6 @@ from .comm import (TPComm, copy_to_tp_region, gather_from_sequence_parallel, red
 TOKEN_DIM = -2   # dim 1 of [b, s, h]; dim 0 of flattened [tokens, h]
 _COLUMN_INPUTS = ("sequence_sharded", "replicated", "gathered")
 _ROW_OUTPUTS = ("sequence_sharded", "replicated")
-# Mesh axes whose groups contain the whole TP group: a gradient already summed over one
-# of them must not be summed over "tp" again.
-_TP_COVERING_AXES = frozenset(("tp", "tp_cp", "stage"))
 
 
 def even_range(size: int, comm: TPComm, what: str) -> tuple[int, int]:
@@ -54,8 +52,8 @@ def sliced_parameter(param: nn.Parameter, dim: int, start: int, length: int) -> 
 def replicated_parameter(param: nn.Parameter) -> nn.Parameter:
     """The same parameter, tagged as a sum of per-TP-rank partial gradients (SP region)."""
     axes = reduce_axes(param)
-    if not _TP_COVERING_AXES.intersection(axes):
-        set_reduce_axes(param, tuple(axes) + ("tp",))
+    if not TP_COVERING_AXES.intersection(axes):   # else already summed over the TP ranks
+        set_reduce_axes(param, tuple(axes) + (Axis.TP,))
     return param
 
 

@@ -22,9 +22,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engine.models.layers import Attention, RMSNorm, SwiGLU
+from engine.layers import Attention, RMSNorm, SwiGLU
+from engine.parallel.axes import Axis, SubAxis
 from engine.parallel.mesh import FoldedMesh
-from engine.parallel.param_attrs import is_expert, is_tp_sharded
+from engine.parallel.param_attrs import is_expert, is_tp_sharded, set_tp_replicas
 
 from .comm import TPComm, gather_from_sequence_parallel
 from .layers import (TOKEN_DIM, ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
@@ -77,12 +78,12 @@ def kv_replica_groups(mesh: FoldedMesh, num_kv_heads: int) -> list[list[int]]:
 
 
 def build_kv_grad_comm(mesh: FoldedMesh, num_kv_heads: int, tp_comm: TPComm) -> TPComm | None:
-    """This rank's kv-replica group (bytes counted on tp_comm too); the mesh owns the group."""
-    tp = mesh.size("tp")
+    """This rank's kv-replica group (bytes counted on the TP axis); the mesh owns the group."""
+    tp = mesh.size(Axis.TP)
     if num_kv_heads >= tp:
         return None
-    group, _ = mesh.subgroup("tp", tp // num_kv_heads)
-    return TPComm(group, parent=tp_comm)
+    group, _ = mesh.subgroup(Axis.TP, tp // num_kv_heads)
+    return TPComm(group, tp_comm.traffic, SubAxis(Axis.TP, tp // num_kv_heads))
 
 
 def _check_shapes(model: nn.Module, tp: int) -> None:
@@ -107,7 +108,7 @@ def parallelize_attention(attention: Attention, comm: TPComm, num_kv_heads: int,
                                       out_range=kv_range, weight_grad_comm=kv_grad_comm)
         if kv_grad_comm is not None:
             for param in column.parameters():
-                param.foldmoe_tp_replicas = kv_grad_comm.size   # same shard on this many TP ranks
+                set_tp_replicas(param, kv_grad_comm.size)   # same shard on this many TP ranks
         setattr(attention, name, column)
     attention.wo = RowParallelLinear(attention.wo, comm, output_layout="sequence_sharded")
 
@@ -140,13 +141,13 @@ def _tag_sequence_parallel_params(model: nn.Module) -> None:
 
 def parallelize_tp(model: nn.Module, mesh: FoldedMesh) -> TPComm:
     """Applies the TP+SP plan in place to a (pipeline chunk of a) `MoETransformer` whose
-    parameters are still unsharded, and returns the shared TP byte counter (also reachable as
+    parameters are still unsharded, and returns the chunk's TP comm (also reachable as
     `module.tp_comm` on every communicating module). No-op on the model at tp = 1.
 
     Afterwards the chunk takes [b, s] ids (or [b, s/tp, h] hidden) and the full (CP-local)
     positions [b, s], and returns vocab-sharded logits [b, s, V/tp] (or [b, s/tp, h] hidden).
     """
-    comm = TPComm(mesh.group("tp"))
+    comm = TPComm(mesh.group(Axis.TP), mesh.traffic)
     if comm.size == 1:
         return comm
     _check_shapes(model, comm.size)

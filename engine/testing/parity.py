@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import torch
 
-from engine.models.config import get_preset
+from engine.compose import build_trainer
+from engine.config.model import get_preset
+from engine.config.train import TrainConfig
 from engine.parallel.config import ParallelConfig
 from engine.parallel.mesh import FoldedMesh
-from engine.parallel.param_attrs import apply_slices
-from engine.train.config import TrainConfig
+from engine.parallel.param_attrs import apply_slices, slices as param_slices
 from engine.train.trainer import Trainer
 
 
@@ -32,6 +33,19 @@ def text_global_batch(step: int, global_batch_size: int, seq_len: int, seed: int
     return torch.stack([data[s:s + seq_len + 1] for s in starts.tolist()])
 
 
+class GradCapturingTrainer(Trainer):
+    """The production Trainer, keeping a copy of every step's reduced gradients."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.grads_per_step: list[dict[str, torch.Tensor]] = []
+
+    def sync_grads(self) -> None:
+        super().sync_grads()
+        self.grads_per_step.append({name: self.optimizer.synced_grad(p).detach().clone()
+                                    for name, p in self.named_params})
+
+
 def train_and_capture(rank: int, world_size: int, layout: dict, model_overrides: dict,
                       train_overrides: dict, steps: int, dispatcher: str = "alltoall",
                       data: str = "random") -> dict:
@@ -40,10 +54,9 @@ def train_and_capture(rank: int, world_size: int, layout: dict, model_overrides:
     model_cfg = get_preset("tiny-moe", **model_overrides)
     train_cfg = TrainConfig(**train_overrides)
     mesh = FoldedMesh(ParallelConfig(world_size=world_size, **layout))
-    trainer = Trainer(model_cfg, mesh.config, train_cfg, mesh, dispatcher=dispatcher)
-    grads_per_step: list[dict[str, torch.Tensor]] = []
-    trainer.on_grads_synced = lambda t: grads_per_step.append(
-        {name: t.optimizer.synced_grad(p).detach().clone() for name, p in t.named_params})
+    trainer = build_trainer(model_cfg, train_cfg, mesh, dispatcher=dispatcher,
+                            trainer_cls=GradCapturingTrainer)
+    grads_per_step = trainer.grads_per_step
     metrics = []
     for step in range(steps):
         if data == "text":
@@ -52,7 +65,7 @@ def train_and_capture(rank: int, world_size: int, layout: dict, model_overrides:
             batch = synthetic_global_batch(step, train_cfg.global_batch_size, train_cfg.seq_len,
                                            model_cfg.vocab_size)
         metrics.append(trainer.train_step(step, batch))
-    slices = {name: list(getattr(p, "foldmoe_slices", ())) for name, p in trainer.named_params}
+    slices = {name: list(param_slices(p)) for name, p in trainer.named_params}
     params = {name: p.detach().clone() for name, p in trainer.named_params}
     return {"metrics": metrics, "grads": grads_per_step, "slices": slices, "params": params}
 

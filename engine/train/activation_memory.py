@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from engine.parallel.traffic import Traffic, by_kind
+
 
 class SavedTensorCounter:
     """Context manager: bytes of distinct storages autograd saves for backward."""
@@ -40,9 +42,10 @@ def _attention_cores(model: nn.Module) -> list[nn.Module]:
 
 
 def measure_recompute(model: nn.Module, inputs: torch.Tensor, positions: torch.Tensor,
-                      mode: str) -> dict[str, float]:
+                      mode: str, traffic: Traffic | None = None) -> dict[str, float]:
     """One forward + backward of `model` under `mode`: saved bytes per layer, attention-forward
-    block calls, and bytes the attention cores sent (CP communication, 0 without CP)."""
+    block calls, and the CP bytes counted in `traffic` (the mesh's) meanwhile."""
+    before = traffic.snapshot() if traffic is not None else {}
     model.train()
     model.set_recompute(mode)
     cores = _attention_cores(model)
@@ -56,4 +59,8 @@ def measure_recompute(model: nn.Module, inputs: torch.Tensor, positions: torch.T
     return {"saved_bytes_per_layer": counter.bytes / len(model.layers),
             "attention_forward_calls": sum(core.block_forward_calls for core in cores),
             "forward_pass_calls": forward_calls,
-            "attention_bytes_sent": sum(core.bytes_sent for core in cores)}
+            "attention_bytes_sent": _cp_bytes(traffic.since(before)) if traffic is not None else 0}
+
+
+def _cp_bytes(per_axis: dict) -> int:
+    return int(by_kind(per_axis)["comm_bytes_cp"])

@@ -1,4 +1,4 @@
-"""Connects the trainer to the pipeline executor: schedule choice, static p2p shapes."""
+"""Connects the trainer to the pipeline executor: the schedule asked for, static p2p shapes."""
 from __future__ import annotations
 
 import torch
@@ -6,26 +6,17 @@ import torch
 from engine.pipeline import PipelineExecutor, build_schedule, check_schedule
 
 
-def schedule_name(train_cfg, vpp: int) -> str:
-    name = train_cfg.pipeline_schedule
-    if vpp > 1 and name != "interleaved":
-        return "interleaved"          # virtual stages only make sense interleaved
-    if vpp == 1 and name == "interleaved":
-        raise ValueError("train.pipeline_schedule=interleaved needs parallel.vpp > 1")
-    return name
-
-
 def activation_shape(trainer) -> tuple[int, int, int]:
     """[mbs, s_local, h]: the sequence is split by CP, then by TP under sequence parallelism."""
-    cfg = trainer.parallel_cfg
+    cfg = trainer.mesh.config
     s_local = trainer.train_cfg.seq_len // cfg.cp // cfg.tp
     return (trainer.train_cfg.micro_batch_size, s_local, trainer.model_cfg.hidden_size)
 
 
 def build_executor(trainer) -> PipelineExecutor:
-    cfg = trainer.parallel_cfg
+    cfg = trainer.mesh.config
     m = trainer.num_microbatches
-    programs = build_schedule(schedule_name(trainer.train_cfg, cfg.vpp), cfg.pp, m, cfg.vpp)
+    programs = build_schedule(trainer.train_cfg.pipeline_schedule, cfg.pp, m, cfg.vpp)
     check_schedule(programs, cfg.pp * cfg.vpp, m)   # proves pairing and no deadlock up front
     dtype = torch.bfloat16 if trainer.train_cfg.precision == "bf16" else torch.float32
     return PipelineExecutor(trainer.chunks, trainer.mesh, programs[trainer.mesh.pp_rank],

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from engine.checkpoint import capture_rng_state, restore_rng_state
-from engine.parallel.param_attrs import is_expert, reduce_axes
+from engine.parallel.param_attrs import is_expert, reduce_axes, slices
 
 _LAYOUT_KEYS = ("world_size", "tp", "cp", "pp", "ep", "etp", "vpp")
 
@@ -17,16 +17,15 @@ def layout_of_config(parallel_cfg) -> dict:
 
 
 def layout_of(trainer) -> dict:
-    return layout_of_config(trainer.parallel_cfg)
+    return layout_of_config(trainer.mesh.config)
 
 
 def _shard_info(name: str, tensor: torch.Tensor, param) -> dict:
     """Where the local tensor sits in the global one: the recorded slices, applied in order."""
     if param is None:   # buffers (e.g. expert bias) are replicated
         return {"local_shape": list(tensor.shape), "slices": [], "axes": []}
-    slices = [[d, list(s) if isinstance(s, tuple) else s, n]
-              for d, s, n in getattr(param, "foldmoe_slices", ())]
-    return {"local_shape": list(tensor.shape), "slices": slices, "axes": list(reduce_axes(param)),
+    recorded = [[d, list(s) if isinstance(s, tuple) else s, n] for d, s, n in slices(param)]
+    return {"local_shape": list(tensor.shape), "slices": recorded, "axes": [str(axis) for axis in reduce_axes(param)],
             "expert": is_expert(param)}
 
 

@@ -12,47 +12,56 @@ import time
 import torch
 import torch.distributed as dist
 
+from torch import nn
+
+from engine.config.model import ModelConfig
+from engine.config.train import TrainConfig
 from engine.metrics import model_flops_per_iteration
-from engine.models.config import ModelConfig
+from engine.metrics.memory import param_bytes
 from engine.moe.tracking import moe_stats, set_aux_loss_scale, update_expert_biases
 from engine.optim import FoldedOptimizer
-from engine.parallel.config import ParallelConfig
+from engine.parallel.axes import Axis
 from engine.parallel.mesh import FoldedMesh
-from engine.parallel.parallelize import build_chunks, named_parameters
+from engine.parallel.traffic import by_kind
 from engine.train.batch import split_microbatches
-from engine.train.comm_stats import collect_comm_bytes
-from engine.train.config import TrainConfig
 from engine.train.loss import lm_loss_fn
+from engine.train.pipeline_setup import build_executor
 from engine.train.state import checkpoint_state, load_checkpoint_state
 
 
+def named_parameters(chunks: list[nn.Module]) -> list[tuple[str, nn.Parameter]]:
+    """Parameters of all chunks; names are global so they never collide."""
+    out, seen = [], set()
+    for chunk in chunks:
+        for name, param in chunk.named_parameters():
+            if name in seen:
+                raise ValueError(f"parameter name {name!r} appears in two pipeline chunks")
+            seen.add(name)
+            out.append((name, param))
+    return out
+
+
 class Trainer:
-    def __init__(self, model_cfg: ModelConfig, parallel_cfg: ParallelConfig, train_cfg: TrainConfig,
-                 mesh: FoldedMesh, *, dispatcher: str = "alltoall", attention_backend: str = "auto",
-                 device: torch.device | None = None):
-        parallel_cfg.validate_for_model(
-            num_heads=model_cfg.num_heads, num_kv_heads=model_cfg.num_kv_heads,
-            num_experts=model_cfg.moe.num_experts, num_layers=model_cfg.num_layers,
-            vocab_size=model_cfg.vocab_size)
-        self.model_cfg, self.parallel_cfg, self.train_cfg = model_cfg, parallel_cfg, train_cfg
-        self.mesh = mesh
+    """Steps this rank's model chunks (built and parallelized by engine.compose). The layout
+    is the mesh's: `mesh.config` is the one ParallelConfig of the run."""
+
+    def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig, mesh: FoldedMesh,
+                 chunks: list[nn.Module], *, device: torch.device | None = None,
+                 build_peak_bytes: int | None = None):
+        self.model_cfg, self.train_cfg, self.mesh = model_cfg, train_cfg, mesh
+        self.build_peak_bytes = build_peak_bytes      # this rank's peak while building the chunks
+        self.param_bytes = param_bytes(chunks)        # bytes of the parameters this rank holds
         self.device = device or torch.device("cpu")
-        self.num_microbatches = train_cfg.num_microbatches(parallel_cfg.dp)
-        torch.manual_seed(train_cfg.seed)
-        self.chunks = [c.to(self.device) for c in build_chunks(
-            model_cfg, mesh, seed=train_cfg.seed, dispatcher=dispatcher,
-            attention_backend=attention_backend, precision=train_cfg.precision,
-            recompute=train_cfg.recompute, seq_len=train_cfg.seq_len)]
+        self.num_microbatches = train_cfg.num_microbatches(mesh.config.dp)
+        self.chunks = list(chunks)
         self.named_params = named_parameters(self.chunks)
         self.optimizer = FoldedOptimizer(self.named_params, mesh, train_cfg)
-        self.on_grads_synced = None   # test hook: called with the trainer after grad sync
         self.global_tokens = train_cfg.global_batch_size * train_cfg.seq_len
         self.model_flops = model_flops_per_iteration(
             model_cfg, train_cfg.global_batch_size, train_cfg.seq_len)
         self.completed_steps = 0
         self.executor = None
-        if parallel_cfg.pp > 1:
-            from engine.train.pipeline_setup import build_executor
+        if mesh.config.pp > 1:
             self.executor = build_executor(self)
         for chunk in self.chunks:   # aux losses are per global micro-batch: average them
             set_aux_loss_scale(chunk, 1.0 / self.num_microbatches)
@@ -82,21 +91,22 @@ class Trainer:
             chunk.train()
         microbatches = split_microbatches(global_tokens, self.mesh, self.train_cfg.micro_batch_size,
                                           self.num_microbatches, self.device)
-        comm_before = collect_comm_bytes(self)
+        traffic_before = self.mesh.traffic.snapshot()
         self.optimizer.prepare_for_backward(self.num_microbatches)
         lm_loss = self._forward_backward(microbatches)
-        self.optimizer.finish_grad_sync()
-        if self.on_grads_synced is not None:
-            self.on_grads_synced(self)
+        self.sync_grads()
         grad_norm = self.optimizer.clip_grad_norm(self.train_cfg.grad_clip)
         lr = self.optimizer.step(step)
         update_expert_biases(self.chunks)
         metrics = self._step_metrics(lm_loss, grad_norm, lr)
-        metrics.update(collect_comm_bytes(self, since=comm_before,
-                                          optimizer_bytes=self.optimizer.comm_bytes))
+        metrics.update(by_kind(self.mesh.traffic.since(traffic_before)))
         metrics["step_time_s"] = time.perf_counter() - start
         self.completed_steps = step + 1
         return metrics
+
+    def sync_grads(self) -> None:
+        """Completes the gradient reductions of the step (overlapped ones started in backward)."""
+        self.optimizer.finish_grad_sync()
 
     def _moe_loss_terms(self) -> tuple[float, float, dict]:
         """This stage's aux and z loss as they enter the objective (coefficient x sum over layers)."""
@@ -112,13 +122,13 @@ class Trainer:
         # LM loss: sum over dp x cp (replicated over tp), then over pp (0 off the last stage).
         # MoE terms are already global per stage; stages hold different layers: sum over pp.
         values = torch.tensor([lm_loss.item(), aux, z], dtype=torch.float64)
-        dist.all_reduce(values[:1], group=self.mesh.group("dp_cp"))
-        dist.all_reduce(values, group=self.mesh.group("pp"))
+        dist.all_reduce(values[:1], group=self.mesh.group(Axis.DP_CP))
+        dist.all_reduce(values, group=self.mesh.group(Axis.PP))
         lm, aux, z = values.tolist()
         # Worst stage for the load statistics (identical within a stage).
         worst = torch.tensor([stats.get("dropped_token_fraction", 0.0),
                               stats.get("load_imbalance_max", 0.0)], dtype=torch.float64)
-        dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=self.mesh.group("pp"))
+        dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=self.mesh.group(Axis.PP))
         return {"loss": lm + aux + z, "lm_loss": lm, "aux_loss": aux, "z_loss": z,
                 "grad_norm": float(grad_norm), "lr": float(lr), "tokens": float(self.global_tokens),
                 "dropped_token_fraction": worst[0].item(), "load_imbalance": worst[1].item(),

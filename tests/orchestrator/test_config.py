@@ -80,7 +80,18 @@ BAD = [
     (["moe.top_k=9", "model.top_k=null"], "moe.top_k=9: must be in [1, num_experts=8]"),
     (["checkpoint.keep=0"], "checkpoint.keep=0: Input should be greater than or equal to 1"),
     (["model=5"], "model=5: Input should be a valid dictionary"),
+    (["train.pipeline_schedule=zb"], "train.pipeline_schedule='zb': expected one of"),
+    (["parallel.tp=1", "parallel.ep=2", "parallel.pp=2", "parallel.vpp=2", "train.pipeline_schedule=1f1b"],
+     "train.pipeline_schedule=1f1b runs one chunk per rank; parallel.vpp=2 needs"),
+    (["parallel.tp=1", "parallel.ep=2", "parallel.pp=2", "train.pipeline_schedule=interleaved"],
+     "train.pipeline_schedule=interleaved needs parallel.vpp > 1"),
 ]
+
+
+def test_auto_schedule_is_interleaved_only_with_virtual_stages():
+    from engine.config.train import pipeline_schedule_for
+    assert (pipeline_schedule_for("auto", 1), pipeline_schedule_for("auto", 2)) == ("1f1b", "interleaved")
+    assert pipeline_schedule_for("gpipe", 1) == "gpipe"   # an explicit choice is honoured
 
 
 @pytest.mark.parametrize("overrides,expected", BAD, ids=[b[0][0] for b in BAD])

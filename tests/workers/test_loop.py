@@ -8,7 +8,7 @@ import pytest
 
 from engine.data import TokenDataset, prepare_dataset
 from orchestrator.config import load_config
-from orchestrator.events import EventTail
+from workers.events import EventTail
 from workers.loop import _should_save, step_record
 from workers.reporters import FileReporter
 
@@ -25,9 +25,10 @@ def test_step_record_derives_throughput_by_hand():
 
 
 def test_checkpoint_schedule_every_n_and_at_the_end():
-    run = load_config(TINY, ["train.steps=10", "checkpoint.every_steps=4"])
-    assert [c for c in range(1, 11) if _should_save(run, c)] == [4, 8, 10]
-    never = load_config(TINY, ["train.steps=10", "checkpoint.every_steps=0"])
+    paths = {"job_dir": "/job", "data_dir": "/data", "checkpoint_dir": "/ckpt", "events_path": "/ev"}
+    spec = load_config(TINY, ["train.steps=10", "checkpoint.every_steps=4"]).job_spec(**paths)
+    assert [c for c in range(1, 11) if _should_save(spec, c)] == [4, 8, 10]
+    never = load_config(TINY, ["train.steps=10", "checkpoint.every_steps=0"]).job_spec(**paths)
     assert not any(_should_save(never, c) for c in range(1, 11))
 
 

@@ -34,7 +34,7 @@ if not ON_GPU:
 
 import pytest  # noqa: E402
 
-import engine.attention.triton_flash as tf  # noqa: E402
+import engine.attention.triton_attention as tf  # noqa: E402
 
 DEVICE = "cuda" if ON_GPU else "cpu"
 FP32_TOL = dict(rtol=1e-5, atol=5e-6)

@@ -62,8 +62,9 @@ def _run_case(core, rank, cp, seq_len, kv_heads, causal, dtype):
     ref = _reference(q, k, v, dout, causal)
     local = [zigzag_shard(t, cp, rank).requires_grad_() for t in (q, k, v)]
     core.reset_counters()
+    start = core.traffic.total()
     out = core(*local)
-    fwd_bytes, fwd_calls = core.bytes_sent, core.block_forward_calls
+    fwd_bytes, fwd_calls = core.traffic.total() - start, core.block_forward_calls
     out.backward(zigzag_shard(dout, cp, rank))
     results = [out] + [t.grad for t in local]
     names = ("out", "dq", "dk", "dv")
@@ -71,7 +72,7 @@ def _run_case(core, rank, cp, seq_len, kv_heads, causal, dtype):
     return {"errors": {n: _rel_err(x, zigzag_shard(r, cp, rank)) for n, x, r in zip(names, results, ref)},
             "baseline": {n: _rel_err(x, r) for n, x, r in zip(names, baseline, ref)},
             "dtypes_ok": all(x.dtype == dtype for x in results),
-            "fwd_bytes": fwd_bytes, "bwd_bytes": core.bytes_sent - fwd_bytes,
+            "fwd_bytes": fwd_bytes, "bwd_bytes": core.traffic.total() - start - fwd_bytes,
             "fwd_calls": fwd_calls, "bwd_calls": core.block_forward_calls - fwd_calls}
 
 

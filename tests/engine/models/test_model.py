@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from engine.models.config import PRESETS, get_preset
+from engine.config.model import PRESETS, get_preset
 from engine.models.init import init_weights
-from engine.models.layers import apply_rope, rope_cos_sin
+from engine.layers import apply_rope, rope_cos_sin
 from engine.models.transformer import MoETransformer, count_parameters
 
 # Published totals / active parameters (billions): model cards of Mixtral, Qwen2-MoE, DeepSeekMoE.

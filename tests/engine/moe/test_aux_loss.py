@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from engine.models.config import MoEConfig
+from engine.config.model import MoEConfig
 from engine.moe.aux_loss import (attach_aux_loss, collect_routing_stats, seq_aux_loss, switch_aux_loss,
                                  z_loss)
 from engine.moe.layer import MoELayer

@@ -5,6 +5,8 @@ import torch
 import torch.distributed as dist
 
 from engine.moe.comm import CommCounter, all_gather_v, all_to_all_v, exchange_counts, reduce_scatter_v
+from engine.parallel.axes import Axis
+from engine.parallel.traffic import Link, Traffic
 from engine.testing.multiprocess import run_distributed
 
 SIZES = [3, 0]     # rows held by ranks 0, 1
@@ -15,7 +17,8 @@ def _rows(rank, n, width=2):
 
 
 def _comm_worker(rank, world):
-    group, counter, out = dist.group.WORLD, CommCounter(), {}
+    traffic = Traffic()
+    group, counter, out = dist.group.WORLD, CommCounter(Link(traffic, Axis.EP)), {}
     x = _rows(rank, SIZES[rank]).requires_grad_(True)
     gathered = all_gather_v(x, SIZES, group, counter)
     out["gathered"] = gathered.detach()
@@ -38,7 +41,7 @@ def _comm_worker(rank, world):
     (received * (rank + 1)).sum().backward()
     out["a2a_grad"] = z.grad.flatten().tolist()
     out["counts"] = exchange_counts(torch.arange(world) + 10 * rank, group).tolist()
-    out["bytes"] = counter.bytes_sent
+    out["bytes"] = traffic.get(Axis.EP)
     return out
 
 

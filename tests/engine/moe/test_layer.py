@@ -6,11 +6,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
-from engine.models.config import MoEConfig, get_preset
+from engine.config.model import MoEConfig, get_preset
 from engine.models.init import init_weights
 from engine.models.transformer import MoETransformer
 from engine.moe.layer import MoELayer
-from engine.moe.tracking import moe_comm_bytes, moe_layers, moe_stats, set_aux_loss_scale, update_expert_biases
+from engine.moe.dispatcher_local import LocalDispatcher
+from engine.moe.tracking import moe_layers, moe_stats, set_aux_loss_scale, update_expert_biases
 
 HIDDEN = 8
 
@@ -86,7 +87,7 @@ def test_stats_by_hand_with_uniform_router():
     assert math.isclose(stats["z_loss"], math.log(4.0) ** 2, rel_tol=1e-6)
     assert stats["load_imbalance"] == 2.0 and stats["dropped_token_fraction"] == 0.0
     assert moe_stats(layer) == {}       # reset after reading
-    assert moe_comm_bytes(layer) == 0   # local dispatcher
+    assert isinstance(layer.dispatcher, LocalDispatcher)   # all experts here: nothing sent
 
 
 def test_dropped_fraction():

@@ -4,21 +4,22 @@ Every rank builds the same full layer and input, computes the single-process ref
 (with capacity groups = the rank owning each token, see assignment.py), then shards the
 layer with parallelize_moe and runs its own token shard: batch rows by DP rank, a
 contiguous sequence slice by TP (SP) and CP rank. Loss = sum(y * w) / global tokens;
-grads are SUM-reduced over each param's axes (all_reduce_grads). Outputs, every gradient
+grads are SUM-reduced over each param's axes by the optimizer's own reduction
+(engine/testing/grads.py). Outputs, every gradient
 (expert shards vs the slice of the full grad) and the logged aux/z/drop statistics must
 match. Several cases run inside one spawn per world size to keep CI time low.
 """
 import pytest
 import torch
 
-from engine.models.config import MoEConfig
+from engine.config.model import MoEConfig
 from engine.moe.layer import MoELayer
 from engine.moe.parallelize import expert_slice, parallelize_moe
-from engine.moe.tracking import moe_comm_bytes
-from engine.optim.grad_sync import all_reduce_grads
+from engine.parallel.axes import Axis
 from engine.parallel.config import ParallelConfig
 from engine.parallel.mesh import FoldedMesh
 from engine.parallel.param_attrs import is_expert, set_reduce_axes
+from engine.testing.grads import TrainingGradSync
 from engine.testing.multiprocess import run_distributed
 
 HIDDEN, BATCH, SEQ = 16, 4, 8
@@ -86,14 +87,17 @@ def _run_case(mesh: FoldedMesh, moe_name: str, dispatcher: str, zero_router: boo
     for p in layer.parameters():
         if not is_expert(p) and mesh.config.tp > 1:
             set_reduce_axes(p, ("dp_cp", "tp"))     # dense params under sequence parallelism
+    grad_sync = TrainingGradSync(list(layer.named_parameters()), mesh)
+    traffic_before = mesh.traffic.snapshot()
     x_loc = x_bsh[b_sl, s_sl].clone().requires_grad_(True)
     y_loc = layer(x_loc)
     (y_loc * w_bsh[b_sl, s_sl]).sum().div(BATCH * SEQ).backward()
-    all_reduce_grads(list(layer.parameters()), mesh)
-    return _compare(ref, layer, mesh, (y_ref, x_ref), (y_loc, x_loc), (b_sl, s_sl))
+    dispatch_bytes = mesh.traffic.since(traffic_before).get(Axis.ETP_EP, 0)
+    grad_sync.finish()
+    return _compare(ref, layer, mesh, (y_ref, x_ref), (y_loc, x_loc), (b_sl, s_sl), dispatch_bytes)
 
 
-def _compare(ref, layer, mesh, ref_out, loc_out, token_slices) -> dict:
+def _compare(ref, layer, mesh, ref_out, loc_out, token_slices, dispatch_bytes) -> dict:
     errors, failures = {}, []
 
     def check(name, actual, expected):
@@ -118,7 +122,7 @@ def _compare(ref, layer, mesh, ref_out, loc_out, token_slices) -> dict:
     for key in ("aux_loss", "z_loss", "dropped_token_fraction"):
         check(key, torch.tensor(layer.last_stats[key]), torch.tensor(ref.last_stats[key]))
     check("tokens_per_expert", layer.last_stats["tokens_per_expert"], ref.last_stats["tokens_per_expert"])
-    return {"errors": errors, "failures": failures, "bytes_sent": moe_comm_bytes(layer),
+    return {"errors": errors, "failures": failures, "bytes_sent": dispatch_bytes,
             "ref_dropped": ref.last_stats["dropped_token_fraction"]}
 
 

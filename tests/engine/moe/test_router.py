@@ -3,7 +3,7 @@ import math
 
 import torch
 
-from engine.models.config import MoEConfig
+from engine.config.model import MoEConfig
 from engine.moe.router import TopKRouter, aux_scores, route_topk, stable_topk_indices
 
 LOGITS = torch.tensor([[1.0, 3.0, 2.0, 0.0]])

@@ -10,7 +10,7 @@ import torch
 from engine.optim import FoldedOptimizer
 from engine.parallel.config import ParallelConfig
 from engine.parallel.mesh import FoldedMesh
-from engine.train.config import TrainConfig
+from engine.config.train import TrainConfig
 
 from .toy_problem import ToyModel, init_global, run_backward
 
@@ -40,10 +40,11 @@ def _train(model, opt, steps, case: dict, record: dict) -> None:
         record["grads_freed"] &= all(p.grad is None for p in model.parameters())
         record["main_grad_fp32"] &= all(p.main_grad.dtype == torch.float32 for p in model.parameters())
         record["launched_in_backward"].append(opt.launched_in_backward)
-        reduce_bytes = opt.finish_grad_sync()
+        before = opt.mesh.traffic.snapshot()
+        opt.finish_grad_sync()
         record["norms"].append(opt.clip_grad_norm(opt.cfg.grad_clip))
         opt.step(step)
-        record["comm"].append((reduce_bytes, dict(opt.comm_bytes)))
+        record["comm"].append(opt.mesh.traffic.since(before))
 
 
 def _serialize(state: dict) -> dict:

@@ -100,13 +100,15 @@ def test_params_and_norm_match_single_process_adamw(layout, case):
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", list(LAYOUTS), indirect=True)
 def test_zero1_matches_plain(layout):
-    """Without clipping ZeRO-1 is bit-exact on these layouts (reduce-scatter and all-reduce
-    sum in the same order); with clipping the norm's summation order differs (shard sums vs
+    """Without clipping ZeRO-1 is bit-exact where every reduce group has 2 ranks (a + b sums
+    alike in reduce-scatter and all-reduce); gloo's 4-rank reduce-scatter and all-reduce may
+    add the four partial sums in different orders (seen on this machine), so dp4 gets the
+    fp32 tolerance. With clipping the norm's summation order differs (shard sums vs
     whole-tensor sums), which moves params by at most ~1e-8."""
     name, _, results = layout
     for rank, per_case in enumerate(results):
         _assert_params(per_case["zero1_noclip"]["params"], per_case["plain_noclip"]["params"],
-                       True, (name, rank))
+                       name in EXACT_LAYOUTS, (name, rank))
         if "zero1" in per_case:
             _assert_params(per_case["zero1"]["params"], per_case["plain"]["params"], False, (name, rank))
 

@@ -12,7 +12,7 @@ from engine.optim.buckets import ALIGN_ELEMS
 from engine.parallel.config import ParallelConfig
 from engine.parallel.mesh import FoldedMesh
 from engine.parallel.param_attrs import mark_expert, mark_tp_sharded, set_reduce_axes
-from engine.train.config import TrainConfig
+from engine.config.train import TrainConfig
 
 
 def _mesh(world=1, rank=0, **kw):

@@ -18,7 +18,7 @@ from torch import nn
 from engine.optim import lr_at, uses_weight_decay
 from engine.parallel.config import ParallelConfig
 from engine.parallel.mesh import FoldedMesh
-from engine.parallel.param_attrs import mark_expert, mark_tp_sharded, set_reduce_axes
+from engine.parallel.param_attrs import mark_expert, mark_tp_sharded, reduce_axes, set_reduce_axes
 from engine.parallel.ranks import RankLayout
 
 H, SEQS, TOKENS, EXPERT_TOKENS = 6, 4, 4, 3
@@ -102,7 +102,7 @@ def _reduced_local_grads(pcfg: ParallelConfig, global_params, step: int, micro: 
         model = ToyModel(mesh, global_params)
         run_backward(model, step, micro)
         grads.append({n: p.grad for n, p in model.named_parameters()})
-        axes = {n: getattr(p, "foldmoe_reduce_axes", ("dp_cp",)) for n, p in model.named_parameters()}
+        axes = {n: reduce_axes(p) for n, p in model.named_parameters()}
     layout = RankLayout(pcfg)
     for name in NAMES:
         for axis in axes[name]:

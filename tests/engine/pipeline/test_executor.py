@@ -2,6 +2,8 @@
 import pytest
 import torch
 
+from engine.parallel.axes import Axis
+
 from engine.parallel.config import ParallelConfig
 from engine.parallel.mesh import FoldedMesh
 from engine.pipeline.executor import PipelineExecutor
@@ -29,9 +31,11 @@ def _run_layout(mesh, name: str, vpp: int, m: int) -> dict:
     chunks = [toy.chunk_of(full, layers[c], c == 0, c == pp * vpp - 1) for c in chunks_of_rank(r, pp, vpp)]
     executor = PipelineExecutor(chunks, mesh, build_schedule(name, pp, m, vpp)[r],
                                 toy.make_loss_fn(m), (toy.MBS, toy.SEQ, toy.HIDDEN), torch.float32)
+    before = mesh.traffic.snapshot()
     losses = executor.run(toy.microbatches(m, seed=mesh.rank_in("dp")))
     grads = {n: p.grad.clone() for chunk in chunks for n, p in chunk.named_parameters()}
-    return {"losses": losses, "grads": grads, "bytes": executor.comm_bytes, "dp": mesh.rank_in("dp")}
+    sent = mesh.traffic.since(before)
+    return {"losses": losses, "grads": grads, "bytes_sent": sent, "dp": mesh.rank_in("dp")}
 
 
 def _parity_worker(rank, world, layouts):
@@ -84,10 +88,10 @@ def test_pipeline_matches_single_process(parity_results, index):
 
 @pytest.mark.slow
 def test_p2p_byte_count(parity_results):
-    # 1F1B, pp=2: the first stage sends M activations and receives M grads of [2, 4, 8] fp32
+    # 1F1B, pp=2: the first stage sends M activations of [2, 4, 8] fp32 and the last stage
+    # M grads of the same shape (what each stage receives is what its peer sends), all on pp
     nbytes = M * toy.MBS * toy.SEQ * toy.HIDDEN * 4
-    assert parity_results[0][4]["bytes"] == {"sent": nbytes, "received": nbytes}
-    assert parity_results[2][4]["bytes"] == {"sent": nbytes, "received": nbytes}
+    assert [r[4]["bytes_sent"] for r in parity_results] == [{Axis.PP: nbytes}] * 4
 
 
 def test_pp1_runs_forward_backward_per_microbatch_without_communication():
@@ -101,7 +105,7 @@ def test_pp1_runs_forward_backward_per_microbatch_without_communication():
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, ref_grads[name], **TOL)
     assert [str(t.action) for t in executor.timeline] == ["F0@0", "B0@0", "F1@0", "B1@0", "F2@0", "B2@0"]
-    assert executor.comm_bytes == {"sent": 0, "received": 0}
+    assert executor.p2p is None   # one stage: nothing to send
 
 
 def test_executor_rejects_foreign_actions_and_wrong_microbatch_count():

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.models.config import get_preset
+from engine.config.model import get_preset
 from engine.models.init import init_weights
 from engine.models.transformer import MoETransformer
 from engine.parallel.config import ParallelConfig

@@ -4,7 +4,7 @@ from itertools import combinations
 
 import pytest
 
-from engine.models.config import ModelConfig, MoEConfig, get_preset
+from engine.config.model import ModelConfig, MoEConfig, get_preset
 from engine.pipeline.schedules import chunks_of_rank
 from engine.pipeline.split import chunk_costs, ffn_cost, head_cost, layer_cost, split_layers
 

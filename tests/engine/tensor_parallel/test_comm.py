@@ -8,6 +8,8 @@ from engine.tensor_parallel.comm import (TPComm, copy_to_tp_region, gather_from_
                                          gather_from_tp_region, reduce_from_tp_region,
                                          reduce_scatter_to_sequence_parallel,
                                          scatter_to_sequence_parallel)
+from engine.parallel.axes import Axis
+from engine.parallel.traffic import Traffic
 from engine.testing.multiprocess import run_distributed
 
 FLOAT = 4  # bytes per fp32 element
@@ -15,13 +17,14 @@ FLOAT = 4  # bytes per fp32 element
 
 def _run(fn, x, grad):
     """Applies one region function with a fresh counter; returns out, input grad, bytes."""
-    comm = TPComm(dist.group.WORLD)
+    traffic = Traffic()
+    comm = TPComm(dist.group.WORLD, traffic)
     x = x.clone().requires_grad_(True)
     out = fn(x, comm)
-    forward_bytes = comm.bytes_sent
+    forward_bytes = traffic.get(Axis.TP)
     out.backward(grad)
     return {"out": out.detach(), "grad": x.grad, "fwd": forward_bytes,
-            "bwd": comm.bytes_sent - forward_bytes}
+            "bwd": traffic.get(Axis.TP) - forward_bytes}
 
 
 def _regions_worker(rank, world):
@@ -39,7 +42,7 @@ def _regions_worker(rank, world):
                           (r + 1) * torch.arange(32.0).view(2, 4, 4)),
     }
     try:
-        TPComm(dist.group.WORLD).reduce_scatter(torch.zeros(1, 3, 2), 1)
+        TPComm(dist.group.WORLD, Traffic()).reduce_scatter(torch.zeros(1, 3, 2), 1)
     except ValueError as err:
         results["error"] = str(err)
     return results

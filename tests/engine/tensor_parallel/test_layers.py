@@ -9,7 +9,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from engine.parallel.param_attrs import is_tp_sharded, reduce_axes
+from engine.parallel.param_attrs import is_tp_sharded, reduce_axes, slices
+from engine.parallel.traffic import Traffic
 from engine.tensor_parallel.comm import TPComm
 from engine.tensor_parallel.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
                                            vocab_parallel_cross_entropy)
@@ -56,7 +57,7 @@ def _column_case(comm, inp, layout):
     return {"out": (out, _chunk(ref_out, -1, r, n)), "dx": (x.grad, expected_dx),
             "dw": (col.weight.grad, _chunk(ref_dw, 0, r, n)), "db": (col.bias.grad, _chunk(ref_db, 0, r, n)),
             "names": [name for name, _ in col.named_parameters()],
-            "slices": col.weight.foldmoe_slices, "sharded": is_tp_sharded(col.weight)}
+            "slices": slices(col.weight), "sharded": is_tp_sharded(col.weight)}
 
 
 def _row_case(comm, inp, layout):
@@ -106,7 +107,7 @@ def _cross_entropy_case(comm, inp):
 
 
 def _layers_worker(rank, world):
-    comm, inp = TPComm(dist.group.WORLD), _inputs()
+    comm, inp = TPComm(dist.group.WORLD, Traffic()), _inputs()
     return {"column_sp": _column_case(comm, inp, "sequence_sharded"),
             "column_rep": _column_case(comm, inp, "replicated"),
             "row_sp": _row_case(comm, inp, "sequence_sharded"),

@@ -2,23 +2,24 @@
 `parallelize_moe` with ep=1, which gives the MoE layers the stage group for their
 aux-loss statistics) against the same model on one process: logits (vocab shards
 gathered), loss, and every gradient (shards gathered, replicated grads SUM-reduced over
-TP by the regular grad sync). Also the measured TP bytes against Megatron's TP+SP volume.
+TP by the optimizer's own reduction, engine/testing/grads.py). Also the measured TP bytes against Megatron's TP+SP volume.
 """
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from engine.models.config import get_preset
+from engine.config.model import get_preset
 from engine.models.init import init_weights
 from engine.models.transformer import MoETransformer
 from engine.moe.parallelize import parallelize_moe
-from engine.optim.grad_sync import all_reduce_grads
+from engine.parallel.axes import Axis
 from engine.parallel.config import ParallelConfig
 from engine.parallel.mesh import FoldedMesh
-from engine.parallel.param_attrs import apply_slices, is_tp_sharded, reduce_axes
+from engine.parallel.param_attrs import apply_slices, is_tp_sharded, reduce_axes, slices, tp_dim, tp_replicas
 from engine.tensor_parallel.loss import tp_loss
 from engine.tensor_parallel.plan import kv_head_block, kv_replica_groups, parallelize_tp
+from engine.testing.grads import TrainingGradSync
 from engine.testing.multiprocess import run_distributed
 
 BATCH, SEQ, SEED = 2, 8, 11
@@ -53,8 +54,8 @@ def _gather_full(param, grad, mesh):
         return grad
     parts = [torch.empty_like(grad) for _ in range(mesh.size("tp"))]
     dist.all_gather(parts, grad.contiguous(), group=mesh.group("tp"))
-    replicas = getattr(param, "foldmoe_tp_replicas", 1)
-    return torch.cat(parts[::replicas], dim=param.foldmoe_tp_dim)
+    replicas = tp_replicas(param)
+    return torch.cat(parts[::replicas], dim=tp_dim(param))
 
 
 def _parallel(cfg, mesh, recompute):
@@ -63,12 +64,14 @@ def _parallel(cfg, mesh, recompute):
     parallelize_moe(model, mesh)
     comm = parallelize_tp(model, mesh)
     model.set_recompute(recompute)
+    grad_sync = TrainingGradSync(list(model.named_parameters()), mesh)
     ids, labels, positions = _batch(cfg)
+    before = mesh.traffic.snapshot()
     logits_local = model(ids, positions)
     loss = tp_loss(logits_local, labels, mesh, comm).sum() / labels.numel()
     loss.backward()
-    tp_bytes = comm.bytes_sent
-    all_reduce_grads(list(model.parameters()), mesh)
+    tp_bytes = mesh.traffic.since(before).get(Axis.TP, 0)
+    grad_sync.finish()
     logits = _gather_full_logits(logits_local.detach(), mesh)
     return logits, loss.detach(), model, tp_bytes
 
@@ -90,12 +93,13 @@ def _two_chunks(mesh):
         init_weights(chunk, cfg, SEED)
         parallelize_moe(chunk, mesh)
         parallelize_tp(chunk, mesh)
+    grad_sync = TrainingGradSync([*first.named_parameters(), *last.named_parameters()], mesh)
     ids, labels, positions = _batch(cfg)
     hidden = first(ids, positions)
     (tp_loss(last(hidden, positions), labels, mesh).sum() / labels.numel()).backward()
+    grad_sync.finish()
     grads = {}
     for chunk in (first, last):
-        all_reduce_grads(list(chunk.parameters()), mesh)
         for pname, param in chunk.named_parameters():
             grads[pname] = (_gather_full(param, param.grad, mesh), ref_grads[pname])
     return {"hidden_shape": tuple(hidden.shape), "grads": grads, "complete": sorted(grads) == sorted(ref_grads)}
@@ -113,7 +117,7 @@ def _model_worker(rank, world, case_names, with_chunks=False):
         grads, slices_ok, axes = {}, {}, {}
         for pname, param in model.named_parameters():
             grads[pname] = (_gather_full(param, param.grad, mesh), ref_grads[pname])
-            local_ref = apply_slices(ref_params[pname].detach(), getattr(param, "foldmoe_slices", ()))
+            local_ref = apply_slices(ref_params[pname].detach(), slices(param))
             slices_ok[pname] = torch.equal(param.detach(), local_ref)
             axes[pname] = (reduce_axes(param), is_tp_sharded(param))
         out[name] = {"logits": (logits, ref_logits), "loss": (loss, ref_loss), "grads": grads,

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from engine.attention.core import LocalAttention
-from engine.models.config import get_preset
+from engine.config.model import get_preset
 from engine.models.init import init_weights
 from engine.models.transformer import MoETransformer
 from engine.testing.multiprocess import run_distributed
@@ -114,7 +114,7 @@ def _ring_recompute(rank, world):
         block.attention.core = build_cp_attention(mesh)
     from engine.context_parallel.zigzag import zigzag_indices
     local = zigzag_indices(128, world, rank)
-    return {mode: measure_recompute(model, tokens[:, local], positions[:, local], mode)
+    return {mode: measure_recompute(model, tokens[:, local], positions[:, local], mode, mesh.traffic)
             for mode in ("none", "full", "remat_aware")}
 
 

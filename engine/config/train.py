@@ -4,7 +4,27 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 PRECISIONS = ("fp32", "bf16")
+PIPELINE_SCHEDULES = ("auto", "gpipe", "1f1b", "interleaved")
 LR_DECAYS = ("cosine", "linear", "constant")
+
+
+def _check_schedule_name(name: str) -> None:
+    if name not in PIPELINE_SCHEDULES:
+        raise ValueError(f"train.pipeline_schedule={name!r}: expected one of {PIPELINE_SCHEDULES}")
+
+
+def pipeline_schedule_for(name: str, vpp: int) -> str:
+    """The schedule to run: `auto` is interleaved 1F1B with virtual stages (vpp > 1) and 1F1B
+    without; an explicit name is honoured or refused with a ValueError naming the keys."""
+    _check_schedule_name(name)
+    if name == "auto":
+        return "interleaved" if vpp > 1 else "1f1b"
+    if name == "interleaved" and vpp == 1:
+        raise ValueError("train.pipeline_schedule=interleaved needs parallel.vpp > 1")
+    if name != "interleaved" and vpp > 1:
+        raise ValueError(f"train.pipeline_schedule={name} runs one chunk per rank; parallel.vpp={vpp} "
+                         "needs train.pipeline_schedule=interleaved (or auto)")
+    return name
 
 
 @dataclass(frozen=True)
@@ -27,7 +47,7 @@ class TrainConfig:
     recompute: str = "none"             # none | selective | full | remat_aware
     zero1: bool = False                 # shard optimizer state over dp x cp / edp
     overlap_grad_reduce: bool = False   # launch bucket reductions from backward hooks
-    pipeline_schedule: str = "1f1b"     # gpipe | 1f1b | interleaved (when parallel.vpp > 1)
+    pipeline_schedule: str = "auto"     # auto (1f1b; interleaved when parallel.vpp > 1) | gpipe | 1f1b | interleaved
 
     def __post_init__(self) -> None:
         for key in ("steps", "global_batch_size", "micro_batch_size", "seq_len"):
@@ -35,6 +55,7 @@ class TrainConfig:
                 raise ValueError(f"train.{key}={getattr(self, key)}: must be >= 1")
         if self.precision not in PRECISIONS:
             raise ValueError(f"train.precision={self.precision!r}: expected one of {PRECISIONS}")
+        _check_schedule_name(self.pipeline_schedule)
         if self.lr_decay not in LR_DECAYS:
             raise ValueError(f"train.lr_decay={self.lr_decay!r}: expected one of {LR_DECAYS}")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
