@@ -18,7 +18,7 @@ DEFAULT_URI_FILE = "mlflow.db"
 STEP_METRICS = (
     "loss", "lm_loss", "aux_loss", "z_loss", "grad_norm", "lr", "tokens_per_s",
     "tflops_per_device", "mfu", "step_time_s", "dropped_token_fraction", "load_imbalance",
-    "restarts")   # plus every comm_bytes_<axis> (dp, ep, tp, cp, pp: bytes sent per step)
+    "restarts", "memory_peak_bytes", "build_peak_bytes", "param_bytes")   # plus every comm_bytes_<axis> (dp, ep, tp, cp, pp: bytes sent per step)
 _PARAM_BATCH = 100      # MLflow accepts at most 100 params per log_batch
 _PARAM_MAX_CHARS = 6000
 

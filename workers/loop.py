@@ -21,6 +21,7 @@ from engine.compose import build_trainer
 from engine.config.job import JobSpec
 from engine.data import TokenDataset
 from engine.metrics import mfu, peak_flops_per_device, tflops_per_device
+from engine.metrics.memory import peak_memory_bytes
 from engine.models.transformer import count_parameters
 from engine.parallel.mesh import FoldedMesh
 from engine.train.state import layout_of
@@ -84,6 +85,13 @@ def step_record(step: int, metrics: dict, world_size: int, peak_flops: float) ->
     return record
 
 
+def max_over_ranks(values: list[int], device: torch.device) -> list[int]:
+    """Element-wise maximum over the whole world, on the model's device (NCCL-safe)."""
+    tensor = torch.tensor(values, dtype=torch.int64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return [int(v) for v in tensor.tolist()]
+
+
 def run_worker(spec: JobSpec, reporter: Reporter) -> dict:
     """Trains from the latest checkpoint to train.steps; returns the last step record."""
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -98,16 +106,20 @@ def run_worker(spec: JobSpec, reporter: Reporter) -> dict:
                                 barrier=dist.barrier)
     resumed_from = resume(trainer, manager, spec)
     peak, peak_source = peak_flops_per_device(device, spec.train.precision)
+    build_peak, held = max_over_ranks([trainer.build_peak_bytes or 0, trainer.param_bytes], device)
+    memory = {"build_peak_bytes": build_peak, "param_bytes": held}   # max over ranks
     reporter.start({"world_size": world, "layout": layout_of(trainer), "rank0_pid": os.getpid(),
                     "resumed_from_step": resumed_from, "peak_flops": peak,
                     "peak_flops_source": peak_source, "device": str(device),
-                    "params": count_parameters(spec.model)})
+                    "params": count_parameters(spec.model), **memory})
     record: dict = {}
     train = spec.train
     for step in range(resumed_from or 0, train.steps):
         batch = dataset.global_batch(step, train.global_batch_size, train.seed)
         metrics = trainer.train_step(step, batch)
         record = step_record(step, metrics, world, peak)
+        (record["memory_peak_bytes"],) = max_over_ranks([peak_memory_bytes(device)], device)
+        record.update(memory)
         record["checkpointed"] = _should_save(spec, step + 1)
         if record["checkpointed"]:
             manager.save(step + 1, trainer.checkpoint_state())

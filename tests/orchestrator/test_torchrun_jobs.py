@@ -20,7 +20,8 @@ pytestmark = pytest.mark.slow
 
 REQUIRED_KEYS = {"step", "loss", "lm_loss", "aux_loss", "z_loss", "grad_norm", "lr", "tokens_per_s",
                  "tflops_per_device", "mfu", "step_time_s", "dropped_token_fraction",
-                 "load_imbalance", "comm_bytes_ep", "comm_bytes_dp", "restarts"}
+                 "load_imbalance", "comm_bytes_ep", "comm_bytes_dp", "restarts", "memory_peak_bytes",
+                 "build_peak_bytes", "param_bytes"}
 
 
 def test_tiny_job_under_torchrun_logs_one_run_to_the_default_sqlite_store(tmp_path, data_cache):
@@ -33,6 +34,9 @@ def test_tiny_job_under_torchrun_logs_one_run_to_the_default_sqlite_store(tmp_pa
     assert [r["step"] for r in records] == list(range(steps))
     assert REQUIRED_KEYS <= set(records[0]), REQUIRED_KEYS - set(records[0])
     assert all(r["restarts"] == 0 and r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 for r in records)
+    # Memory, max over ranks: a rank's peak RSS holds at least its parameters (~1 MB here).
+    assert all(r["memory_peak_bytes"] > r["param_bytes"] > 0 and r["build_peak_bytes"] > 0
+               for r in records)
 
     # Default store: sqlite:///mlflow.db in the working directory, exactly one run.
     assert (tmp_path / "mlflow.db").is_file()
@@ -49,7 +53,7 @@ def test_tiny_job_under_torchrun_logs_one_run_to_the_default_sqlite_store(tmp_pa
     losses = metric_steps(client, run.info.run_id, "loss")
     assert losses == [(r["step"], r["loss"]) for r in records]
     for key in ("mfu", "tokens_per_s", "comm_bytes_ep", "comm_bytes_dp", "load_imbalance",
-                "dropped_token_fraction", "restarts", "grad_norm", "lr"):
+                "dropped_token_fraction", "restarts", "grad_norm", "lr", "memory_peak_bytes"):
         assert len(metric_steps(client, run.info.run_id, key)) == steps, key
     assert {"config.yaml", "layout.txt", "layout.json"} <= artifact_names(client, run.info.run_id)
     assert "job finished" in out.stdout
