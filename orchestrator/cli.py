@@ -1,10 +1,12 @@
 """`foldmoe` command line.
 
     foldmoe train CONFIG.yaml [--set key=value ...] [--metrics-jsonl PATH] [--launcher ray|torchrun]
+                              [--resume | --no-resume]
     foldmoe validate CONFIG.yaml [--set key=value ...] [--json]
 
-Exit codes: 0 success, 1 training failure, 2 config error (one line on stderr, nothing
-started or written), 128+N when stopped by signal N.
+Exit codes: 0 success (also: already complete, nothing to train), 1 training failure,
+2 config error or preflight refusal (one line on stderr, no worker started), 128+N when
+stopped by signal N.
 """
 from __future__ import annotations
 
@@ -31,6 +33,9 @@ def _parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", parents=[common], help="run a training job")
     train.add_argument("--metrics-jsonl", help="append one JSON object per step to this file")
     train.add_argument("--launcher", choices=("ray", "torchrun"), default="ray")
+    train.add_argument("--resume", action=argparse.BooleanOptionalAction, default=None,
+                       help="resume from the newest complete checkpoint in checkpoint.dir "
+                            "(default: checkpoint.resume, true); --no-resume starts at step 0")
     validate = sub.add_parser("validate", parents=[common],
                               help="check a config and print it with the folded layout")
     validate.add_argument("--json", action="store_true", help="one JSON object: config, groups")
@@ -75,12 +80,15 @@ def main(argv: list[str] | None = None) -> int:
     driver_start = time.time()
     args = _parser().parse_args(argv)
     try:
-        run = load_config(args.config, args.overrides)
+        overrides = list(args.overrides)
+        if getattr(args, "resume", None) is not None:
+            overrides.append(f"checkpoint.resume={'true' if args.resume else 'false'}")
+        run = load_config(args.config, overrides)
         if args.command == "validate":
             return validate_command(run, args.json)
         return train_command(run, args, driver_start)
     except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
+        print(f"{err.kind}: {err}", file=sys.stderr)
         return EXIT_CONFIG
 
 

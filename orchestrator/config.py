@@ -28,6 +28,8 @@ from .schema import MOE_SIZE_KEYS, RunSchema
 class ConfigError(ValueError):
     """A bad config; str(err) is one line naming the key and value."""
 
+    kind = "config error"       # how the CLI labels the line
+
 
 def fmt_value(value: Any) -> str:
     return json.dumps(value, default=str) if not isinstance(value, str) else value

@@ -91,12 +91,15 @@ def run_worker(spec: dict, reporter: Reporter) -> dict:
     mesh = FoldedMesh(parallel)
     trainer = Trainer(run.model, parallel, run.train, mesh,
                       dispatcher=run.schema.moe.dispatcher, device=device)
+    model_built_at = time.time()
     dataset = TokenDataset(spec["data_dir"], run.train.seq_len)
     manager = CheckpointManager(spec["checkpoint_dir"], run.schema.checkpoint.keep, rank, world,
                                 barrier=dist.barrier)
     resumed_from = resume(trainer, manager, run)
+    checkpoint_loaded_at = time.time()
     peak, peak_source = peak_flops_per_device(device, run.train.precision)
     reporter.start({"world_size": world, "layout": layout_of(trainer), "rank0_pid": os.getpid(),
+                    "model_built_at": model_built_at, "checkpoint_loaded_at": checkpoint_loaded_at,
                     "resumed_from_step": resumed_from, "peak_flops": peak,
                     "peak_flops_source": peak_source, "device": str(device),
                     "params": count_parameters(run.model)})
