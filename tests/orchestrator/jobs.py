@@ -43,9 +43,10 @@ def cli_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run_cli(args: list[str], cwd: pathlib.Path, timeout: float = 300) -> subprocess.CompletedProcess:
+def run_cli(args: list[str], cwd: pathlib.Path, timeout: float = 300,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], cwd=cwd,
-                          env=cli_env(), capture_output=True, text=True, timeout=timeout)
+                          env=env or cli_env(), capture_output=True, text=True, timeout=timeout)
 
 
 def read_jsonl(path: pathlib.Path) -> list[dict]:

@@ -49,7 +49,7 @@ def test_tiny_config_on_4_ray_train_workers(uninterrupted):
     client, run = only_run(f"sqlite:///{tmp / 'mlflow.db'}")
     assert run.info.status == "FINISHED" and run.info.run_id == result.run_id
     assert run.data.params["layout.world_size"] == "4"
-    assert metric_steps(client, run.info.run_id, "loss") == [(r["step"], r["loss"]) for r in records]
+    assert metric_steps(client, run.info.run_id, "train/loss") == [(r["step"], r["loss"]) for r in records]
     # The worker pid files name 4 distinct processes: one Ray Train worker per rank.
     pids = {p.read_text() for p in (tmp / "runs").glob("*/workers/rank*.pid")}
     assert len(pids) == 4
@@ -96,7 +96,7 @@ def test_killed_worker_restarts_and_resumes_bit_exact(uninterrupted, tmp_path, d
 
     client, run = only_run(f"sqlite:///{tmp_path / 'mlflow.db'}")   # the same single run
     assert run.info.status == "FINISHED"
-    assert max(v for _, v in metric_steps(client, run.info.run_id, "restarts")) >= 1
+    assert max(v for _, v in metric_steps(client, run.info.run_id, "cluster/restarts")) >= 1
     print(f"\n[figures] recovery after kill (kill -> next completed step): "
           f"{after[0]['time'] - killed['kill_time']:.1f}s; resumed at step {after[0]['step']}; "
           f"time to first step {result.summary['time_to_first_step_s']:.1f}s")
