@@ -70,12 +70,26 @@ def _client(tracking_uri: str | None):
     if uri.startswith(SQLITE) and not os.path.isfile(uri[len(SQLITE):]):
         # MlflowClient would silently create an empty database there.
         raise ReportError(f"tracking store {uri}: no such database file")
-    # Fail fast on an unreachable server (MLflow retries for minutes by default).
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    if uri.startswith(("http://", "https://")):
+        _check_reachable(uri)
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri), uri
+
+
+def _check_reachable(uri: str, timeout_s: float = 10.0) -> None:
+    """One request to the server's health endpoint: MLflow's client would retry a refused
+    connection for minutes and then print a page of traceback."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s).close()
+    except urllib.error.HTTPError:
+        return          # it answers (an auth proxy, an older server): let MLflow talk to it
+    except (OSError, ValueError) as err:
+        reason = getattr(err, "reason", err)
+        raise ReportError(f"tracking store {uri}: unreachable ({reason})") from None
 
 
 def load_mlflow(run_id: str, tracking_uri: str | None) -> Run:
