@@ -33,6 +33,7 @@ from .tracking import Tracker, resolve_tracking_uri, source_tags
 POLL_INTERVAL_S = 0.2
 WORKER_EVENTS = "events.jsonl"           # rank 0: start, step
 CONTROLLER_EVENTS = "controller.jsonl"   # Ray Train controller: failure
+SPEC_FILE = "spec.json"
 RAY_LOG = "ray.log"                      # Ray's own driver-side output (ray_output.py)
 
 
@@ -162,6 +163,7 @@ def _open_tracker(run: RunConfig, launcher: str, job_dir: str, progress: Progres
                  "foldmoe.config_name": run.name})
     try:
         tracker = Tracker(uri, t.experiment, run.run_name, tags=tags, warn=progress.warn)
+        tracker.report = t.report
     except Exception as err:  # noqa: BLE001 - any store failure means: do not start
         first_line = str(err).splitlines()[0] if str(err) else ""
         raise ConfigError(f"tracking.uri={uri}: cannot open an MLflow run "
@@ -173,10 +175,16 @@ def _open_tracker(run: RunConfig, launcher: str, job_dir: str, progress: Progres
     return tracker
 
 
-def _make_launcher(kind: str, run: RunConfig, spec: dict, job_dir: str):
-    spec_path = os.path.join(job_dir, "spec.json")
+def write_spec(spec: dict) -> str:
+    """<job_dir>/spec.json: what every worker reads (torchrun) and what ran (records)."""
+    spec_path = os.path.join(spec["job_dir"], SPEC_FILE)
     with open(spec_path, "w", encoding="utf-8") as handle:
         json.dump(spec, handle, indent=1)
+    return spec_path
+
+
+def _make_launcher(kind: str, run: RunConfig, spec: dict, job_dir: str):
+    spec_path = os.path.join(job_dir, SPEC_FILE)
     if kind == "torchrun":
         from .torchrun_launcher import TorchrunLauncher
         return TorchrunLauncher(run, spec_path, os.path.join(job_dir, "torchrun.log"))
@@ -201,11 +209,9 @@ def run_training(run: RunConfig, *, launcher: str = "ray", metrics_jsonl: str | 
         print(already_complete_message(*complete, run.train.steps), flush=True)
         return JobResult(rc=0, job_dir="", complete=True)
     progress = ProgressDisplay(run.train.steps, live=live_progress)
-    progress.phase("prepare data")
-    data_dir = prepare_data(run, progress=progress.live)
     job_dir = job_dir_for(run)
     os.makedirs(job_dir, exist_ok=True)
-    spec = {"config": run.resolved(), "data_dir": data_dir, "job_dir": job_dir,
+    spec = {"config": run.resolved(), "data_dir": None, "job_dir": job_dir,
             "checkpoint_dir": checkpoint_dir, "events_path": os.path.join(job_dir, WORKER_EVENTS)}
     worker_group = _make_launcher(launcher, run, spec, job_dir)
     capture = (RayOutputCapture(os.path.join(job_dir, RAY_LOG))
@@ -216,7 +222,7 @@ def run_training(run: RunConfig, *, launcher: str = "ray", metrics_jsonl: str | 
         if capture is not None:
             capture.start()
             progress.stderr = capture.terminal_stderr
-        tracker = _connect_and_check(run, launcher, worker_group, job_dir, progress, capture)
+        tracker = _connect_and_check(run, launcher, worker_group, spec, progress, capture)
         stop.install()     # ray.init() replaced the SIGTERM handler
         result = _run_job(run, worker_group, tracker, job_dir, spec, progress, stop,
                           metrics_jsonl, driver_start, capture)
@@ -230,10 +236,11 @@ def run_training(run: RunConfig, *, launcher: str = "ray", metrics_jsonl: str | 
     return result
 
 
-def _connect_and_check(run: RunConfig, launcher: str, worker_group, job_dir: str,
+def _connect_and_check(run: RunConfig, launcher: str, worker_group, spec: dict,
                        progress: ProgressDisplay, capture) -> Tracker | None:
-    """Connects to (or starts) Ray, runs the preflight, opens the MLflow run; on a refusal
-    stops what it started and re-raises (the CLI prints the one line, exit 2)."""
+    """Connects to (or starts) Ray and runs the preflight (first: it answers in seconds),
+    prepares the data, opens the MLflow run; on a refusal stops what it started and
+    re-raises (the CLI prints the one line, exit 2)."""
     try:
         if worker_group.connect_phase:
             progress.phase(worker_group.connect_phase)
@@ -243,9 +250,12 @@ def _connect_and_check(run: RunConfig, launcher: str, worker_group, job_dir: str
         progress.phase("preflight")
         for warning in run_preflight(run, worker_group.supply()):
             progress.warn(warning)
+        progress.phase("prepare data")
+        spec["data_dir"] = prepare_data(run, progress=progress.live)
+        write_spec(spec)
         if run.schema.tracking.enabled:
             progress.phase("open the MLflow run")
-        tracker = _open_tracker(run, launcher, job_dir, progress)
+        tracker = _open_tracker(run, launcher, spec["job_dir"], progress)
         progress.end_phase()
         return tracker
     except BaseException:
@@ -344,7 +354,7 @@ def _finish(result: JobResult, rc: int | None, signum: int | None, worker_group,
             for key in ("time_to_first_step_s", "job_time_s"):
                 if summary[key] is not None:
                     tracker.log_metric(f"job/{key}", summary[key], step=0)
-            if summary["steps_seen"]:
+            if summary["steps_seen"] and tracker.report:
                 progress.phase("render the report")
                 log_report(tracker, job_dir, progress.warn)
                 progress.end_phase()

@@ -137,7 +137,9 @@ class RayLauncher:
                 logging_config=LoggingConfig(log_level="WARNING")))
 
     @property
-    def connect_phase(self) -> str:
+    def connect_phase(self) -> str | None:
+        if ray.is_initialized():
+            return None              # this process is already a Ray driver
         address = os.environ.get("RAY_ADDRESS")
         return f"connect to Ray at {address}" if address else "start a local Ray"
 

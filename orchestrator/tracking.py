@@ -74,6 +74,7 @@ class Tracker:
         self.uri = uri
         self._warn = warn or (lambda message: print(message, file=sys.stderr, flush=True))
         self._system_metrics = None
+        self.report = True            # render the review report when the run ends
         self.client = MlflowClient(tracking_uri=uri)
         found = self.client.get_experiment_by_name(experiment)
         experiment_id = found.experiment_id if found else self.client.create_experiment(

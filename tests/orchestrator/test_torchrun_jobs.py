@@ -29,7 +29,7 @@ def test_tiny_job_under_torchrun_logs_one_run_to_the_default_sqlite_store(tmp_pa
     metrics, source tags, system metrics, layout/plan/report artifacts; run twice, the
     second run says it is complete and opens no run."""
     steps = 4
-    overrides = job_overrides(tmp_path, data_cache, steps=steps, every=2)
+    overrides = job_overrides(tmp_path, data_cache, steps=steps, every=2, extra=["tracking.report=true"])
     args = ["train", TINY, "--launcher", "torchrun", "--metrics-jsonl", "m.jsonl", *set_args(overrides)]
     out = run_cli(args, cwd=tmp_path, env=cli_env(MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="1"))
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
