@@ -1,5 +1,7 @@
-"""The job driver: prepare data, open the MLflow run, launch the workers (Ray Train or
-torchrun), follow their events, and end cleanly on success, failure or SIGTERM/SIGINT.
+"""The job driver: check the run (durable paths, resumable or already complete), start or
+join Ray and run the preflight, prepare data, open the MLflow run, launch the workers (Ray
+Train or torchrun), follow their events, render the report, and end cleanly on success,
+failure or SIGTERM/SIGINT with a summary table.
 
 `python -m orchestrator.driver CONFIG.yaml [--set k=v ...]` is the `ray job submit`
 entrypoint; it takes the same arguments as `foldmoe train`.
@@ -319,7 +321,8 @@ def _follow(worker_group, tails: list[EventTail], observer: JobObserver, stop: S
         if rc is not None:
             drain()
             return rc
-        progress.tick(worker_group.waiting_for)
+        placing = "place workers" in (progress.current_phase or "")
+        progress.tick(worker_group.waiting_for if placing else None)
         time.sleep(POLL_INTERVAL_S)
 
 
@@ -347,6 +350,7 @@ def _finish(result: JobResult, rc: int | None, signum: int | None, worker_group,
     else:
         result.rc = rc if rc is not None else 1
         result.error = result.error or getattr(worker_group, "error", None)
+        progress.close_bar()
         observer.close()
         worker_group.close()
         summary = observer.summary()

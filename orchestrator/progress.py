@@ -41,12 +41,19 @@ class ProgressDisplay:
         self.end_phase(now if started is None else started)
         self._phase = (name, now if started is None else started, now)
         if self.live and self._progress is None:
-            from rich.console import Console
+            from rich.live import Live
+            from rich.spinner import Spinner
 
-            self._status = Console().status(f"{name} ...")
+            # redirect_stderr=False: stderr is Ray's log file while the job runs (ray_output.py)
+            self._status = Live(Spinner("dots", f"{name} ..."), transient=True,
+                                redirect_stderr=False, refresh_per_second=8)
             self._status.start()
         elif not self.live:
             print(f"{name} ...", flush=True)
+
+    @property
+    def current_phase(self) -> str | None:
+        return self._phase[0] if self._phase else None
 
     def end_phase(self, ended: float | None = None, suffix: str = "") -> None:
         if self._phase is None:
@@ -73,12 +80,14 @@ class ProgressDisplay:
         detail = waiting_for() if waiting_for is not None else None
         detail = f" ({detail})" if detail else ""
         if self._status is not None:
-            self._status.update(f"{name} ... {now - started:.0f} s{detail}")
+            from rich.spinner import Spinner
+
+            self._status.update(Spinner("dots", f"{name} ... {now - started:.0f} s{detail}"))
         else:
             print(f"still {name} after {now - started:.0f} s{detail}", flush=True)
 
     # ---------------------------------------------------------------- steps
-    def _start_bar(self) -> None:
+    def _start_bar(self, done: int, fields: dict) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
         # redirect_stderr=False: stderr is Ray's log file while the job runs (ray_output.py).
@@ -87,8 +96,7 @@ class ProgressDisplay:
             TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tok_s]} tok/s"),
             TextColumn("MFU {task.fields[mfu]}"), TextColumn("ETA {task.fields[eta]}"),
             refresh_per_second=4, redirect_stderr=False)
-        self._task = self._progress.add_task("train", total=self.total, loss="-", tok_s="-",
-                                             mfu="-", eta="?")
+        self._task = self._progress.add_task("train", total=self.total, completed=done, **fields)
         self._progress.start()
 
     def eta_s(self) -> float | None:
@@ -107,7 +115,7 @@ class ProgressDisplay:
                   "mfu": f"{100 * record.get('mfu', 0.0):.2f}%", "eta": eta}
         if self.live:
             if self._progress is None:
-                self._start_bar()
+                self._start_bar(done, fields)
             self._progress.update(self._task, completed=done, **fields)
             return
         now = time.monotonic()
@@ -125,8 +133,9 @@ class ProgressDisplay:
 
     def warn(self, message: str) -> None:
         text = message if message.startswith("warning") else f"warning: {message}"
-        if self._progress is not None:
-            self._progress.console.print(text, markup=False, highlight=False, style="yellow")
+        live = self._progress or self._status
+        if live is not None:
+            live.console.print(text, markup=False, highlight=False, style="yellow")
         else:
             print(text, file=self.stderr, flush=True)
 
@@ -146,8 +155,12 @@ class ProgressDisplay:
         width = max(len(key) for key, _ in rows)
         print("\n".join([title] + [f"  {key:<{width}}  {value}" for key, value in rows]), flush=True)
 
-    def stop(self) -> None:
-        self.end_phase()
+    def close_bar(self) -> None:
+        """The steps are over: later phases show as status lines again."""
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
+
+    def stop(self) -> None:
+        self.end_phase()
+        self.close_bar()
