@@ -224,10 +224,8 @@ def run_training(run: RunConfig, *, launcher: str = "ray", metrics_jsonl: str | 
         if capture is not None:
             capture.start()
             progress.stderr = capture.terminal_stderr
-        tracker = _connect_and_check(run, launcher, worker_group, spec, progress, capture)
-        stop.install()     # ray.init() replaced the SIGTERM handler
-        result = _run_job(run, worker_group, tracker, job_dir, spec, progress, stop,
-                          metrics_jsonl, driver_start, capture)
+        result = _start_and_run(run, launcher, worker_group, spec, progress, stop, metrics_jsonl,
+                                driver_start, capture)
     finally:
         progress.stop()
         stop.restore()
@@ -236,6 +234,29 @@ def run_training(run: RunConfig, *, launcher: str = "ray", metrics_jsonl: str | 
     if result.error:
         print(f"error: {result.error}", file=sys.stderr, flush=True)
     return result
+
+
+def _start_and_run(run: RunConfig, launcher: str, worker_group, spec: dict,
+                   progress: ProgressDisplay, stop: StopSignal, metrics_jsonl: str | None,
+                   driver_start: float, capture) -> JobResult:
+    try:
+        tracker = _connect_and_check(run, launcher, worker_group, spec, progress, capture)
+    except (KeyboardInterrupt, SystemExit) as err:     # stopped before any worker started
+        return _stopped_early(spec["job_dir"], _signal_of(err))
+    stop.install()     # ray.init() replaced the SIGTERM handler
+    if stop.signum is not None:                        # a signal while preparing
+        if tracker:
+            tracker.finish("KILLED")
+        worker_group.close()
+        return _stopped_early(spec["job_dir"], stop.signum)
+    return _run_job(run, worker_group, tracker, spec["job_dir"], spec, progress, stop,
+                    metrics_jsonl, driver_start, capture)
+
+
+def _stopped_early(job_dir: str, signum: int) -> JobResult:
+    name = signal.Signals(signum).name
+    return JobResult(rc=128 + signum, job_dir=job_dir, signaled=signum,
+                     error=f"stopped by {name} before any worker started")
 
 
 def _connect_and_check(run: RunConfig, launcher: str, worker_group, spec: dict,
