@@ -24,7 +24,6 @@ from .config import ConfigError, RunConfig, flatten
 from .events import EventTail
 from .observer import JobObserver
 from .paths import durable_paths, in_ray_job
-from .plan import plan_for
 from .preflight import run_preflight
 from .progress import ProgressDisplay
 from .ray_output import RayOutputCapture
@@ -114,6 +113,8 @@ def latest_checkpoint_path(checkpoint_dir: str) -> str | None:
 
 def check_resumable(run: RunConfig, checkpoint_dir: str) -> None:
     """Refuses, before anything starts, to resume a checkpoint of another world size or layout."""
+    if not os.path.isdir(checkpoint_dir):
+        return          # a first run: no checkpoint, and no torch import before the preflight
     from engine.checkpoint import describe_layout_diff, latest_checkpoint
     from engine.checkpoint.manager import MANIFEST
     from engine.train.state import layout_of_config
@@ -135,6 +136,8 @@ def check_resumable(run: RunConfig, checkpoint_dir: str) -> None:
 
 def completed_step(run: RunConfig, checkpoint_dir: str) -> tuple[str, int] | None:
     """(newest checkpoint, its step) when resuming it would leave nothing to train."""
+    if not os.path.isdir(checkpoint_dir):
+        return None
     from engine.checkpoint import latest_checkpoint
     from engine.checkpoint.manager import MANIFEST
 
@@ -290,6 +293,8 @@ def _connect_and_check(run: RunConfig, launcher: str, worker_group, spec: dict,
 def _run_job(run: RunConfig, worker_group, tracker: Tracker | None, job_dir: str, spec: dict,
              progress: ProgressDisplay, stop: StopSignal, metrics_jsonl: str | None,
              driver_start: float, capture) -> JobResult:
+    from .plan import plan_for      # engine code (torch): after the preflight
+
     result = JobResult(rc=1, job_dir=job_dir, run_id=tracker.run_id if tracker else None,
                        tracking_uri=tracker.uri if tracker else None)
     observer = JobObserver(total_steps=run.train.steps, tracker=tracker, progress=progress,

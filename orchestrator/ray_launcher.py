@@ -8,6 +8,8 @@ failure detection and restarts. See docs/orchestration.md for why.
 The driver calls connect() (start or join Ray), supply() (what the cluster has, for the
 preflight), then start(). Ray runs with log_to_driver=False: the workers' output stays in
 Ray's session logs, not on the driver's progress display (orchestrator/ray_output.py).
+Ray Train, torch and the worker code are imported by start() only: the preflight needs
+`ray` alone, so a job that cannot fit is refused before those seconds of imports.
 """
 from __future__ import annotations
 
@@ -16,43 +18,14 @@ import os
 import threading
 
 import ray
-from ray.train import (CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig,
-                       UserCallback)
-from ray.train.torch import TorchConfig, TorchTrainer
-
-from workers.ray_worker import train_loop_per_worker
 
 from .config import RunConfig as FoldRunConfig
-from .events import EventWriter
 from .preflight import ClusterSupply, JobNeeds, host_cores
 from .ray_metrics import RayMetricsExporter
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CODE_PACKAGES = ("engine", "orchestrator", "workers")
 JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"   # set by Ray's job supervisor for a submitted driver
-
-
-class FailureRelay(UserCallback):
-    """Runs in the Ray Train controller (pinned to the driver's node): appends each
-    worker-group failure to the controller's event file before Ray Train restarts the group.
-    Step events do not pass through here: rank 0 writes them itself (workers/reporters.py)."""
-
-    def __init__(self, events_path: str):
-        self.events_path = events_path
-        self.failures = 0
-        self._seen: set[str] = set()
-
-    def after_exception(self, run_context, worker_exceptions) -> None:
-        errors = {str(rank): f"{type(err).__name__}: {err}"[:500]
-                  for rank, err in worker_exceptions.items()}
-        key = repr(sorted(errors.items()))
-        if key in self._seen:   # called on every poll that still sees the same failure
-            return
-        self._seen.add(key)
-        self.failures += 1
-        first = next(iter(errors.values()), "?").splitlines()[0][:200]
-        EventWriter(self.events_path).write("failure", failures=self.failures, errors=errors,
-                                            error=first)
 
 
 def connect_or_start_ray(min_cpus: float) -> bool:
@@ -114,7 +87,15 @@ class RayLauncher:
         self._rc: int | None = None
         self._thread: threading.Thread | None = None
 
-    def _trainer(self) -> TorchTrainer:
+    def _trainer(self):
+        from ray.train import (CheckpointConfig, FailureConfig, LoggingConfig, RunConfig,
+                               ScalingConfig)
+        from ray.train.torch import TorchConfig, TorchTrainer
+
+        from workers.ray_worker import train_loop_per_worker
+
+        from .ray_callbacks import FailureRelay
+
         c = self.run.schema.cluster
         num_workers = tuple(c.num_workers) if isinstance(c.num_workers, list) else c.num_workers
         resources = {"CPU": c.cpus_per_worker, **({"GPU": 1} if c.use_gpu else {})}
@@ -172,7 +153,7 @@ class RayLauncher:
                                         name="ray-train-fit")
         self._thread.start()
 
-    def _fit(self, trainer: TorchTrainer) -> None:
+    def _fit(self, trainer) -> None:
         try:
             trainer.fit()
             self._rc = 0
