@@ -1,109 +1,41 @@
-"""Review report of a training run, from its metrics JSONL or its MLflow run.
+"""Review report of one or more training runs: plots (PNG), a Markdown page linking them and
+a self-contained HTML page (plots embedded), from MLflow runs or --metrics-jsonl files.
 
-    python -m dashboards.report runs/metrics.jsonl [--out report.md] [--html report.html]
-    python -m dashboards.report <mlflow-run-id> [--tracking-uri URI] [--out ...]
+    python -m dashboards.report RUN_ID [RUN_ID ...] [--tracking-uri URI] [--out-dir DIR]
+    python -m dashboards.report runs/m.jsonl [...]
 
-Sections: loss curve summary, throughput (tokens/s, TFLOP/s/device, MFU), MoE health
-(expert-load imbalance = max/mean tokens per expert, dropped-token fraction) and bytes
-communicated per step by mesh axis. Steps replayed after a restart count once (last wins).
+Plots: loss; tokens/s and MFU; per-layer expert load as a heatmap over steps; dropped-token
+fraction; bytes per step by mesh axis; step time and its breakdown; restarts and world size
+over time. With two or more runs the curves are overlaid and a table lists the config keys
+whose values differ. The driver logs this report as each run's `report/` artifacts.
+A wrong run id, an unreachable store or an unreadable file is a one-line error (exit 2).
 """
 from __future__ import annotations
 
 import argparse
+import base64
 import html
-import json
 import os
 import statistics
 import sys
 
-SPARK = "▁▂▃▄▅▆▇█"
-COMM_PREFIX = "comm_bytes_"
+from .runs import ReportError, Run, load_run
+
+EXIT_INPUT = 2
+LAYOUT_KEYS = ("world_size", "tp", "cp", "dp", "pp", "ep", "etp", "edp", "vpp")
+STAT_ROWS = (  # (label, grouped metric, unit, skip the first step as warm-up)
+    ("loss, last", "train/loss", "", False),
+    ("tokens/s, median", "throughput/tokens_per_s", "", True),
+    ("MFU, median", "throughput/mfu", "%", True),
+    ("step time, median", "time/step_s", " s", True),
+    ("load imbalance, mean", "moe/load_imbalance", "", False),
+    ("dropped tokens, mean", "moe/dropped_token_fraction", "%", False),
+)
 
 
-# ------------------------------------------------------------------ loading
+# ------------------------------------------------------------------ figures in tables
 
-def load_jsonl(path: str) -> list[dict]:
-    by_step: dict[int, dict] = {}
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            if line.strip():
-                record = json.loads(line)
-                by_step[int(record["step"])] = record
-    return [by_step[s] for s in sorted(by_step)]
-
-
-def load_mlflow(run_id: str, tracking_uri: str | None) -> tuple[list[dict], dict]:
-    """Per-step records rebuilt from the run's metric histories, and the run's params."""
-    from mlflow.tracking import MlflowClient
-
-    from orchestrator.tracking import resolve_tracking_uri
-
-    client = MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri))
-    run = client.get_run(run_id)
-    by_step: dict[int, dict] = {}
-    for key in run.data.metrics:
-        for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.timestamp):
-            by_step.setdefault(m.step, {"step": m.step})[key] = m.value
-    records = [by_step[s] for s in sorted(by_step) if "loss" in by_step[s]]
-    return records, dict(run.data.params)
-
-
-# ------------------------------------------------------------------ statistics
-
-def series(records: list[dict], key: str) -> list[float]:
-    return [float(r[key]) for r in records if isinstance(r.get(key), (int, float))]
-
-
-def sparkline(values: list[float], width: int = 60) -> str:
-    if not values:
-        return ""
-    stride = max(1, -(-len(values) // width))
-    points = [statistics.fmean(values[i:i + stride]) for i in range(0, len(values), stride)]
-    lo, hi = min(points), max(points)
-    span = (hi - lo) or 1.0
-    return "".join(SPARK[min(len(SPARK) - 1, int((v - lo) / span * len(SPARK)))] for v in points)
-
-
-def steady(values: list[float]) -> list[float]:
-    """Drops the first step (warm-up: allocation, kernel selection) when there are others."""
-    return values[1:] if len(values) > 1 else values
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * (len(ordered) - 1) + 0.5))]
-
-
-def summarize(records: list[dict]) -> dict:
-    loss = series(records, "loss")
-    tenth = max(1, len(loss) // 10)
-    comm = sorted({k[len(COMM_PREFIX):] for r in records for k in r if k.startswith(COMM_PREFIX)})
-    return {
-        "steps": len(records),
-        "first_step": records[0]["step"] if records else None,
-        "last_step": records[-1]["step"] if records else None,
-        "restarts": int(max(series(records, "restarts"), default=0)),
-        "loss": {"first": loss[0], "last": loss[-1], "min": min(loss),
-                 "mean_first_10pct": statistics.fmean(loss[:tenth]),
-                 "mean_last_10pct": statistics.fmean(loss[-tenth:])} if loss else {},
-        "throughput": {key: _stats(steady(series(records, key)))
-                       for key in ("tokens_per_s", "tflops_per_device", "mfu", "step_time_s")},
-        "moe": {key: _stats(series(records, key))
-                for key in ("load_imbalance", "dropped_token_fraction", "aux_loss")},
-        "comm_bytes_per_step": {axis: _stats(series(records, COMM_PREFIX + axis)) for axis in comm},
-    }
-
-
-def _stats(values: list[float]) -> dict:
-    if not values:
-        return {}
-    return {"mean": statistics.fmean(values), "p50": percentile(values, 0.5),
-            "p90": percentile(values, 0.9), "max": max(values), "last": values[-1]}
-
-
-# ------------------------------------------------------------------ rendering
-
-def _num(value: float | None, unit: str = "") -> str:
+def _fmt(value: float | None, unit: str = "") -> str:
     if value is None:
         return "n/a"
     if unit == "%":
@@ -116,116 +48,147 @@ def _num(value: float | None, unit: str = "") -> str:
     return f"{value:,.4g}{unit}"
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    out += ["| " + " | ".join(row) + " |" for row in rows]
+def run_figure(run: Run, key: str, how: str, warmup: bool) -> float | None:
+    values = run.series(key)[1]
+    if warmup and len(values) > 1:
+        values = values[1:]
+    if not values:
+        return None
+    return {"last": values[-1], "median": statistics.median(values), "mean": statistics.fmean(values),
+            "max": max(values)}[how]
+
+
+def runs_table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
+    header = ["run", "source", "steps", "restarts", "layout", "peak FLOP/s source"]
+    rows = []
+    for run in runs:
+        steps = run.series("train/loss")[0]
+        layout = ", ".join(f"{k}={run.params[f'layout.{k}']}" for k in LAYOUT_KEYS
+                           if f"layout.{k}" in run.params)
+        restarts = run_figure(run, "cluster/restarts", "max", False)
+        rows.append([run.label, run.source, f"{steps[0]}..{steps[-1]}" if steps else "none",
+                     _fmt(restarts), layout or "n/a",
+                     run.params.get("peak_flops_source", "n/a").split(" (")[0]])
+    return header, rows
+
+
+def figures_table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
+    header = ["figure"] + [run.label for run in runs]
+    rows = []
+    for label, key, unit, warmup in STAT_ROWS:
+        how = label.rsplit(", ", 1)[1]
+        rows.append([label] + [_fmt(run_figure(run, key, how, warmup), unit) for run in runs])
+    axes = sorted({k.split("_", 1)[1] for run in runs for k in run.keys() if k.startswith("comm/bytes_")})
+    for axis in axes:
+        rows.append([f"{axis} bytes per step, mean"]
+                    + [_fmt(run_figure(run, f"comm/bytes_{axis}", "mean", False), "B") for run in runs])
+    return header, rows
+
+
+def config_diff(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
+    """Config keys (MLflow params) whose values differ between the runs; '-' = absent."""
+    keys = sorted({k for run in runs for k in run.params})
+    rows = [[key] + [run.params.get(key, "-") for run in runs] for key in keys
+            if len({run.params.get(key, "-") for run in runs}) > 1]
+    return ["key"] + [run.label for run in runs], rows
+
+
+# ------------------------------------------------------------------ pages
+
+def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    def cell(text: str) -> str:
+        return str(text).replace("|", "\\|")
+    out = ["| " + " | ".join(map(cell, header)) + " |", "|" + "---|" * len(header)]
+    return out + ["| " + " | ".join(map(cell, row)) + " |" for row in rows] + [""]
+
+
+def sections(runs: list[Run]) -> list[tuple[str, list]]:
+    """[(heading, [("table", header, rows) | ("text", str) | ("plot", title, file)])]"""
+    out = [("Runs", [("table", *runs_table(runs))]), ("Figures", [("table", *figures_table(runs))])]
+    if len(runs) > 1:
+        header, rows = config_diff(runs)
+        body = [("table", header, rows)] if rows else [("text", "The runs' configs are identical.")]
+        out.append(("Config differences", body))
     return out
 
 
-def _stat_rows(block: dict, units: dict[str, str]) -> list[list[str]]:
-    rows = []
-    for key, st in block.items():
-        if st:
-            unit = units.get(key, "")
-            rows.append([key] + [_num(st[c], unit) for c in ("mean", "p50", "p90", "max", "last")])
-    return rows
+def render_markdown(runs: list[Run], plots: list[tuple[str, str, str]]) -> str:
+    lines = [f"# foldmoe run report: {', '.join(run.label for run in runs)}", ""]
+    for heading, items in sections(runs):
+        lines += [f"## {heading}", ""]
+        for item in items:
+            lines += _md_table(item[1], item[2]) if item[0] == "table" else [item[1], ""]
+    lines += ["## Plots", ""]
+    for _, title, name in plots:
+        lines += [f"### {title}", "", f"![{title}]({name})", ""]
+    return "\n".join(lines)
 
 
-def render_markdown(records: list[dict], title: str, params: dict | None = None) -> str:
-    s = summarize(records)
-    lines = [f"# foldmoe run report: {title}", ""]
-    if not records:
-        return "\n".join(lines + ["No step records found.", ""])
-    lines += [f"Steps {s['first_step']}..{s['last_step']} ({s['steps']} records), "
-              f"restarts: {s['restarts']}.", ""]
-    if params:
-        layout = ", ".join(f"{k.split('.', 1)[1]}={v}" for k, v in sorted(params.items())
-                           if k.startswith("layout."))
-        lines += [f"Layout: {layout or 'n/a'}; parameters total {params.get('params.total', 'n/a')}, "
-                  f"active {params.get('params.active', 'n/a')}.", ""]
-    loss = s["loss"]
-    lines += ["## Loss", "", f"`{sparkline(series(records, 'loss'))}`", ""]
-    lines += _table(["first", "last", "min", "mean first 10%", "mean last 10%"],
-                    [[_num(loss[k]) for k in ("first", "last", "min", "mean_first_10pct",
-                                               "mean_last_10pct")]])
-    cols = ["metric", "mean", "p50", "p90", "max", "last"]
-    lines += ["", "## Throughput (first step excluded as warm-up)", ""]
-    lines += _table(cols, _stat_rows(s["throughput"], {"mfu": "%", "step_time_s": " s"}))
-    lines += ["", "## MoE", "", "Load imbalance is max/mean tokens per expert (1.0 = perfect).", ""]
-    lines += _table(cols, _stat_rows(s["moe"], {"dropped_token_fraction": "%"}))
-    lines += ["", "## Communication per step by axis", ""]
-    comm = {f"{axis}": st for axis, st in s["comm_bytes_per_step"].items()}
-    lines += _table(["axis", "mean", "p50", "p90", "max", "last"],
-                    _stat_rows(comm, {axis: "B" for axis in comm})) if comm else ["n/a"]
-    return "\n".join(lines) + "\n"
+def _html_table(header: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>"
+                   for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def _loss_svg(loss: list[float], width: int = 640, height: int = 200) -> str:
-    if len(loss) < 2:
-        return ""
-    lo, hi = min(loss), max(loss)
-    span = (hi - lo) or 1.0
-    points = " ".join(f"{i / (len(loss) - 1) * width:.1f},{height - (v - lo) / span * height:.1f}"
-                      for i, v in enumerate(loss))
-    return (f'<svg width="{width}" height="{height}" style="border:1px solid #ccc">'
-            f'<polyline fill="none" stroke="#1f77b4" stroke-width="1.5" points="{points}"/></svg>'
-            f"<p>loss {hi:.4g} (top) to {lo:.4g} (bottom)</p>")
+# Plots sit at their natural size (900 x 360 px) on a grey page, left-aligned.
+STYLE = ("body{font-family:sans-serif;background:#eceff3;color:#111;margin:16px}"
+         "table{border-collapse:collapse;margin:8px 0}td,th{padding:2px 10px;text-align:left;"
+         "border-bottom:1px solid #c8ccd2}img{display:block;margin:4px 0 18px 0}"
+         "h3{margin:10px 0 2px 0}")
 
 
-def render_html(markdown: str, records: list[dict]) -> str:
-    """A self-contained page: headings, tables and paragraphs of the Markdown, plus an SVG
-    loss curve under the Loss heading."""
-    body, table = [], []
+def render_html(runs: list[Run], plots: list[tuple[str, str, str]], out_dir: str) -> str:
+    """One self-contained page: the tables, then every plot embedded as a PNG data URI."""
+    body = [f"<h1>foldmoe run report: {html.escape(', '.join(run.label for run in runs))}</h1>"]
+    for heading, items in sections(runs):
+        body.append(f"<h2>{html.escape(heading)}</h2>")
+        for item in items:
+            body.append(_html_table(item[1], item[2]) if item[0] == "table"
+                        else f"<p>{html.escape(item[1])}</p>")
+    body.append("<h2>Plots</h2>")
+    for stem, title, name in plots:
+        with open(os.path.join(out_dir, name), "rb") as handle:
+            data = base64.b64encode(handle.read()).decode()
+        body.append(f"<section id='plot-{stem}'><h3>{html.escape(title)}</h3>"
+                    f"<img alt='{html.escape(title)}' src='data:image/png;base64,{data}'></section>")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>foldmoe run report</title>"
+            f"<style>{STYLE}</style></head><body>{''.join(body)}</body></html>\n")
 
-    def flush_table() -> None:
-        if table:
-            rows = [r for r in table if not set(r.replace("|", "").strip()) <= {"-"}]
-            cells = [[html.escape(c.strip()) for c in r.strip().strip("|").split("|")] for r in rows]
-            head = "".join(f"<th>{c}</th>" for c in cells[0])
-            rest = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in cells[1:])
-            body.append(f"<table><tr>{head}</tr>{rest}</table>")
-            table.clear()
 
-    for line in markdown.splitlines():
-        if line.startswith("|"):
-            table.append(line)
-            continue
-        flush_table()
-        if line.startswith("## "):
-            body.append(f"<h2>{html.escape(line[3:])}</h2>")
-            if line[3:] == "Loss":
-                body.append(_loss_svg(series(records, "loss")))
-        elif line.startswith("# "):
-            body.append(f"<h1>{html.escape(line[2:])}</h1>")
-        elif line.strip():
-            body.append(f"<p>{html.escape(line.strip('`'))}</p>")
-    flush_table()
-    style = "body{font-family:sans-serif;max-width:900px}td,th{padding:2px 8px;text-align:right}"
-    return f"<!doctype html><html><head><meta charset='utf-8'><style>{style}</style></head>" \
-           f"<body>{''.join(body)}</body></html>\n"
+def write_report(runs: list[Run], out_dir: str) -> dict[str, str]:
+    from .plots import render_plots
+
+    os.makedirs(out_dir, exist_ok=True)
+    plots = render_plots(runs, out_dir)
+    paths = {"markdown": os.path.join(out_dir, "report.md"), "html": os.path.join(out_dir, "report.html")}
+    with open(paths["markdown"], "w", encoding="utf-8") as handle:
+        handle.write(render_markdown(runs, plots))
+    with open(paths["html"], "w", encoding="utf-8") as handle:
+        handle.write(render_html(runs, plots, out_dir))
+    return paths
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dashboards.report", description=__doc__.split("\n")[0])
-    parser.add_argument("source", help="metrics JSONL path, or an MLflow run id")
+    parser = argparse.ArgumentParser(prog="python -m dashboards.report",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("sources", nargs="+", metavar="RUN_ID_OR_JSONL",
+                        help="MLflow run ids and/or --metrics-jsonl files")
     parser.add_argument("--tracking-uri", help="MLflow URI (default: as foldmoe train)")
-    parser.add_argument("--out", help="write the Markdown here (default: stdout)")
-    parser.add_argument("--html", help="also write an HTML page here")
+    parser.add_argument("--out-dir", default="report",
+                        help="where report.md, report.html and the PNGs go (default: ./report)")
     args = parser.parse_args(argv)
-    if os.path.isfile(args.source):
-        records, params, title = load_jsonl(args.source), None, os.path.basename(args.source)
-    else:
-        records, params = load_mlflow(args.source, args.tracking_uri)
-        title = f"MLflow run {args.source}"
-    markdown = render_markdown(records, title, params)
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as handle:
-            handle.write(markdown)
-    else:
-        sys.stdout.write(markdown)
-    if args.html:
-        with open(args.html, "w", encoding="utf-8") as handle:
-            handle.write(render_html(markdown, records))
+    try:
+        runs = [load_run(source, args.tracking_uri) for source in args.sources]
+    except ReportError as err:
+        print(f"report error: {err}", file=sys.stderr)
+        return EXIT_INPUT
+    labels = [run.label for run in runs]
+    for i, run in enumerate(runs):      # legends and columns need distinct names
+        if labels.count(run.label) > 1:
+            run.label = f"{run.label} #{i + 1}"
+    paths = write_report(runs, args.out_dir)
+    print(f"report: {paths['markdown']} and {paths['html']}")
     return 0
 
 

@@ -1,10 +1,12 @@
 """`foldmoe` command line.
 
     foldmoe train CONFIG.yaml [--set key=value ...] [--metrics-jsonl PATH] [--launcher ray|torchrun]
+                              [--resume | --no-resume]
     foldmoe validate CONFIG.yaml [--set key=value ...] [--json]
 
-Exit codes: 0 success, 1 training failure, 2 config error (one line on stderr, nothing
-started or written), 128+N when stopped by signal N.
+Exit codes: 0 success (also: already complete, nothing to train), 1 training failure,
+2 config error or preflight refusal (one line on stderr, no worker started), 128+N when
+stopped by signal N.
 """
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ import time
 import yaml
 
 from .config import EXIT_CONFIG, ConfigError, RunConfig, add_config_arguments, load_config
-from .driver import add_train_arguments, train_command
+from .driver import add_train_arguments, run_train_args
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="foldmoe", description=__doc__.split("\n")[0])
@@ -55,13 +58,12 @@ def validate_command(run: RunConfig, as_json: bool) -> int:
 def main(argv: list[str] | None = None) -> int:
     driver_start = time.time()
     args = _parser().parse_args(argv)
+    if args.command == "train":
+        return run_train_args(args, driver_start)
     try:
-        run = load_config(args.config, args.overrides)
-        if args.command == "validate":
-            return validate_command(run, args.json)
-        return train_command(run, args, driver_start)
+        return validate_command(load_config(args.config, args.overrides), args.json)
     except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
+        print(f"{err.kind}: {err}", file=sys.stderr)
         return EXIT_CONFIG
 
 

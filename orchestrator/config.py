@@ -33,6 +33,8 @@ EXIT_CONFIG = 2   # the exit code of a refused config, before anything starts
 class ConfigError(ValueError):
     """A bad config; str(err) is one line naming the key and value."""
 
+    kind = "config error"       # how the CLI labels the line
+
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """The config file and its `--set` overrides, shared by every command that takes one."""

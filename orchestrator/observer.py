@@ -1,11 +1,14 @@
-"""Turns the job's events into MLflow records, the progress display and --metrics-jsonl.
+"""Turns the job's events into MLflow records, the progress display, Ray metrics and
+--metrics-jsonl.
 
 Runs in the driver only, so exactly one process writes to MLflow whatever the number of
-workers or restarts.
+workers or restarts. Event types: "placed" (rank 0 of a new worker group is up), "start"
+(model built, checkpoint loaded), "step", and the controller's "failure".
 """
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from dataclasses import dataclass, field
 
@@ -32,41 +35,75 @@ class JobStats:
     last_record: dict | None = None
     restarts: int = 0
     steps_seen: int = 0
+    tokens: float = 0.0                    # tokens of every step trained (re-runs included)
+    world_size: int | None = None
+    resumed_from_step: int | None = None
+    start_info: dict = field(default_factory=dict)
     failures: list[dict] = field(default_factory=list)
+    recovery_s: list[float] = field(default_factory=list)   # failure -> next completed step
+    steady_tokens_per_s: list[float] = field(default_factory=list)
+    steady_mfu: list[float] = field(default_factory=list)
 
 
 class JobObserver:
     def __init__(self, *, total_steps: int, tracker: Tracker | None, progress: ProgressDisplay,
-                 metrics_jsonl: str | None, layout_groups, driver_start: float):
+                 metrics_jsonl: str | None, layout_groups, driver_start: float,
+                 plan=None, sinks=()):
         self.total_steps = total_steps
         self.tracker = tracker
         self.progress = progress
         self.layout_groups = layout_groups     # world_size -> {axis: rank lists}
+        self.plan = plan                       # world_size -> (plan text, plan dict), or None
+        self.sinks = list(sinks)               # objects with .step(record): Ray metrics
         self.stats = JobStats(driver_start=driver_start)
         self._jsonl = open(metrics_jsonl, "a", encoding="utf-8") if metrics_jsonl else None
         self._started_once = False
+        self._pending_failure_at: float | None = None
+        self._first_step_of_group = True
 
     def handle(self, event: dict) -> None:
         kind = event.get("type")
-        if kind == "start":
+        if kind == "placed":
+            self.progress.phase("build the model", started=event["time"])
+        elif kind == "start":
             self._on_start(event)
         elif kind == "step":
             self._on_step(event)
         elif kind == "failure":
             self.stats.failures.append(event)
+            self._pending_failure_at = event.get("time", time.time())
+            self.progress.end_phase()
             self.progress.note(f"worker group failed ({event.get('error', '?')}); "
                                "restarting from the latest checkpoint")
+            self.progress.phase("restart: place workers", started=self._pending_failure_at)
 
     def _on_start(self, event: dict) -> None:
         resumed = event.get("resumed_from_step")
-        where = f"resuming at step {resumed}" if resumed is not None else "starting at step 0"
+        built, loaded = event.get("model_built_at"), event.get("checkpoint_loaded_at")
+        if built is not None and loaded is not None:
+            self.progress.phase("load the checkpoint", started=built)
+            self.progress.end_phase(loaded, suffix=f" (step {resumed})" if resumed is not None
+                                    else " (none: a fresh start)")
+            self.progress.phase("look up the device peak", started=loaded)
+        where = (f"resumed at step {resumed} (--no-resume starts over)" if resumed is not None
+                 else "starting at step 0")
+        self.progress.end_phase(event["time"])
         self.progress.note(f"worker group up: world size {event['world_size']}, {where}; "
                            f"peak {event['peak_flops'] / 1e12:.3g} TFLOP/s/device "
                            f"({event['peak_flops_source']})")
+        self.progress.phase("first step", started=event["time"])
+        self._first_step_of_group = True
+        self.stats.world_size = event["world_size"]
+        self.stats.start_info = event
+        if not self._started_once:
+            self.stats.resumed_from_step = resumed
         if self._started_once or self.tracker is None:
             self._started_once = True
             return
         self._started_once = True
+        self._log_layout(event)
+
+    def _log_layout(self, event: dict) -> None:
         layout, world = event["layout"], event["world_size"]
         groups = self.layout_groups(world)
         params = {f"layout.{k}": v for k, v in layout.items()}
@@ -78,19 +115,41 @@ class JobObserver:
                        "peak_flops_source": event["peak_flops_source"],
                        "device": event.get("device", "")})
         self.tracker.log_params(params)
+        kind = event["peak_flops_source"].split(":")[0].split(" ")[0]   # datasheet | calibrated
+        self.tracker.set_tag("foldmoe.peak_flops_kind", kind)
         self.tracker.log_text(layout_text(world, layout, groups), "layout.txt")
         self.tracker.log_text(json.dumps({"world_size": world, "layout": layout, "groups": groups},
                                          indent=1), "layout.json")
+        if self.plan is not None:
+            text, doc = self.plan(world)
+            self.tracker.log_text(text, "plan.txt")
+            self.tracker.log_text(json.dumps(doc, indent=1), "plan.json")
 
     def _on_step(self, event: dict) -> None:
         record = {k: v for k, v in event.items() if k != "type"}
-        self.stats.steps_seen += 1
-        if self.stats.first_step_at is None:
-            self.stats.first_step_at = record["time"]
-        self.stats.restarts = max(self.stats.restarts, int(record.get("restarts", 0)))
-        self.stats.last_record = record
+        if self.stats.world_size is not None:
+            record.setdefault("world_size", self.stats.world_size)
+        s = self.stats
+        s.steps_seen += 1
+        s.tokens += float(record.get("tokens", 0.0))
+        if s.first_step_at is None:
+            s.first_step_at = record["time"]
+        if self._first_step_of_group:
+            self.progress.end_phase(record["time"])
+        elif isinstance(record.get("tokens_per_s"), (int, float)):
+            # steady state: the first step of each worker group is warm-up
+            s.steady_tokens_per_s.append(float(record["tokens_per_s"]))
+            s.steady_mfu.append(float(record.get("mfu", 0.0)))
+        self._first_step_of_group = False
+        if self._pending_failure_at is not None:
+            s.recovery_s.append(record["time"] - self._pending_failure_at)
+            self._pending_failure_at = None
+        s.restarts = max(s.restarts, int(record.get("restarts", 0)))
+        s.last_record = record
         if self.tracker is not None:
             self.tracker.log_step(record["step"], record, record["time"])
+        for sink in self.sinks:
+            sink.step(record)
         if self._jsonl is not None:
             self._jsonl.write(json.dumps(record) + "\n")
             self._jsonl.flush()
@@ -109,7 +168,13 @@ class JobObserver:
     def summary(self, now: float | None = None) -> dict:
         now = time.time() if now is None else now
         s = self.stats
+        median = (lambda v: statistics.median(v) if v else None)
         return {"job_time_s": now - s.driver_start,
                 "time_to_first_step_s": (s.first_step_at - s.driver_start) if s.first_step_at else None,
                 "restarts": s.restarts, "steps_seen": s.steps_seen,
+                "last_step": s.last_record["step"] if s.last_record else None,
+                "resumed_from_step": s.resumed_from_step, "tokens": s.tokens,
+                "tokens_per_s": median(s.steady_tokens_per_s), "mfu": median(s.steady_mfu),
+                "recovery_s": list(s.recovery_s),
+                "peak_flops_source": s.start_info.get("peak_flops_source"),
                 "final_loss": s.last_record.get("loss") if s.last_record else None}

@@ -4,6 +4,12 @@ UserCallback that records worker-group failures for the driver.
 Checkpoints are written by engine.checkpoint.CheckpointManager into checkpoint.dir (the
 same format under torchrun); Ray Train provides the worker group, gloo/NCCL setup,
 failure detection and restarts. See docs/orchestration.md for why.
+
+The driver calls connect() (start or join Ray), supply() (what the cluster has, for the
+preflight), then start(). Ray runs with log_to_driver=False: the workers' output stays in
+Ray's session logs, not on the driver's progress display (orchestrator/ray_output.py).
+Ray Train, torch and the worker code are imported by start() only: the preflight needs
+`ray` alone, so a job that cannot fit is refused before those seconds of imports.
 """
 from __future__ import annotations
 
@@ -12,42 +18,16 @@ import os
 import threading
 
 import ray
-from ray.train import (CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig,
-                       UserCallback)
-from ray.train.torch import TorchConfig, TorchTrainer
 
 from engine.config.job import JobSpec
-from workers.events import EventWriter
-from workers.ray_worker import train_loop_per_worker
 
 from .config import RunConfig as FoldRunConfig
+from .preflight import ClusterSupply, JobNeeds, host_cores
+from .ray_metrics import RayMetricsExporter
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CODE_PACKAGES = ("engine", "orchestrator", "workers")
 JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"   # set by Ray's job supervisor for a submitted driver
-
-
-class FailureRelay(UserCallback):
-    """Runs in the Ray Train controller (pinned to the driver's node): appends each
-    worker-group failure to the controller's event file before Ray Train restarts the group.
-    Step events do not pass through here: rank 0 writes them itself (workers/reporters.py)."""
-
-    def __init__(self, events_path: str):
-        self.events_path = events_path
-        self.failures = 0
-        self._seen: set[str] = set()
-
-    def after_exception(self, run_context, worker_exceptions) -> None:
-        errors = {str(rank): f"{type(err).__name__}: {err}"[:500]
-                  for rank, err in worker_exceptions.items()}
-        key = repr(sorted(errors.items()))
-        if key in self._seen:   # called on every poll that still sees the same failure
-            return
-        self._seen.add(key)
-        self.failures += 1
-        first = next(iter(errors.values()), "?").splitlines()[0][:200]
-        EventWriter(self.events_path).write("failure", failures=self.failures, errors=errors,
-                                            error=first)
 
 
 def connect_or_start_ray(min_cpus: float) -> bool:
@@ -63,21 +43,46 @@ def connect_or_start_ray(min_cpus: float) -> bool:
         in_job = JOB_CONFIG_ENV in os.environ
         runtime_env = None if in_job else {"py_modules": [os.path.join(REPO_ROOT, p)
                                                           for p in CODE_PACKAGES]}
-        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=runtime_env)
+        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=runtime_env, log_to_driver=False)
         return False
     num_cpus = max(os.cpu_count() or 1, math.ceil(min_cpus))
     pythonpath = os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p)
     # The dashboard stays on (loopback only): Ray Train V2's placement-group cleaner and the
     # state API need it, and it is the place to watch the job.
-    ray.init(address="local", num_cpus=num_cpus, dashboard_host="127.0.0.1",
+    ray.init(address="local", num_cpus=num_cpus, dashboard_host="127.0.0.1", log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
     return True
+
+
+def autoscaler_max_resources() -> dict[str, float] | None:
+    """The most the autoscaler may grow the cluster to (KubeRay / cluster launcher config),
+    or None without an autoscaler. Ray Train makes the same (private) call before placing
+    workers; any change in it only loses the headroom, never the check on what is there."""
+    try:
+        from ray._private.state import state
+
+        found = state.get_max_resources_from_cluster_config()
+    except Exception:  # noqa: BLE001 - no autoscaler config, or the private API moved
+        return None
+    return {k: float(v) for k, v in found.items()} if found else None
+
+
+def cluster_supply(where: str) -> ClusterSupply:
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    here = ray.util.get_node_ip_address()
+    one_machine = all(n.get("NodeManagerAddress") == here for n in nodes)
+    return ClusterSupply(where=where, total=dict(ray.cluster_resources()),
+                         available=dict(ray.available_resources()),
+                         autoscaler_max=autoscaler_max_resources(),
+                         node_resources=[dict(n.get("Resources", {})) for n in nodes],
+                         host_cores=host_cores() if one_machine else None)
 
 
 class RayLauncher:
     """start() launches TorchTrainer.fit() in a thread; poll() returns the exit code when done."""
 
-    def __init__(self, run: FoldRunConfig, spec: JobSpec, job_dir: str, controller_events_path: str):
+    def __init__(self, run: FoldRunConfig, spec: JobSpec | None, job_dir: str,
+                 controller_events_path: str):
         self.run, self.spec, self.job_dir = run, spec, job_dir
         self.controller_events_path = controller_events_path
         self.owns_ray = False
@@ -85,7 +90,15 @@ class RayLauncher:
         self._rc: int | None = None
         self._thread: threading.Thread | None = None
 
-    def _trainer(self) -> TorchTrainer:
+    def _trainer(self):
+        from ray.train import (CheckpointConfig, FailureConfig, LoggingConfig, RunConfig,
+                               ScalingConfig)
+        from ray.train.torch import TorchConfig, TorchTrainer
+
+        from workers.ray_worker import train_loop_per_worker
+
+        from .ray_callbacks import FailureRelay
+
         c = self.run.schema.cluster
         num_workers = tuple(c.num_workers) if isinstance(c.num_workers, list) else c.num_workers
         resources = {"CPU": c.cpus_per_worker, **({"GPU": 1} if c.use_gpu else {})}
@@ -107,16 +120,43 @@ class RayLauncher:
                 # Ray Train's own INFO lines would interleave with the driver's progress.
                 logging_config=LoggingConfig(log_level="WARNING")))
 
+    @property
+    def connect_phase(self) -> str | None:
+        if ray.is_initialized():
+            return None              # this process is already a Ray driver
+        address = os.environ.get("RAY_ADDRESS")
+        return f"connect to Ray at {address}" if address else "start a local Ray"
+
+    def connect(self) -> None:
+        needs = JobNeeds.of(self.run)
+        self.owns_ray = connect_or_start_ray(needs.max_workers * needs.cpus_per_worker)
+
+    def supply(self) -> ClusterSupply:
+        address = os.environ.get("RAY_ADDRESS")
+        return cluster_supply("the local Ray" if self.owns_ray or not address
+                              else f"the Ray cluster at {address}")
+
+    def sinks(self, job: str, run_name: str) -> list:
+        return [RayMetricsExporter(job, run_name)]
+
+    def waiting_for(self) -> str | None:
+        """What the placement waits for, from the cluster's free resources."""
+        needs = JobNeeds.of(self.run)
+        free = ray.available_resources()
+        missing = [f"{need * needs.min_workers:g} {r} needed, {free.get(r, 0.0):g} free"
+                   for r, need in needs.per_worker().items()
+                   if free.get(r, 0.0) < need * needs.min_workers]
+        return "; ".join(missing) or "Ray Train is starting the workers"
+
     def start(self) -> None:
-        c = self.run.schema.cluster
-        workers = max(c.num_workers) if isinstance(c.num_workers, list) else c.num_workers
-        self.owns_ray = connect_or_start_ray(workers * c.cpus_per_worker)
+        if not ray.is_initialized():
+            self.connect()
         trainer = self._trainer()
         self._thread = threading.Thread(target=self._fit, args=(trainer,), daemon=True,
                                         name="ray-train-fit")
         self._thread.start()
 
-    def _fit(self, trainer: TorchTrainer) -> None:
+    def _fit(self, trainer) -> None:
         try:
             trainer.fit()
             self._rc = 0

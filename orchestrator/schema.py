@@ -125,6 +125,7 @@ class TrackingSection(BaseModel):
     experiment: str = "foldmoe"
     run_name: Optional[str] = None            # default: the config name
     enabled: bool = True
+    report: bool = True                       # render the review report at the end, log it as artifacts
 
 
 class RunSchema(BaseModel):

@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 from .config import RunConfig
+from .preflight import ClusterSupply, host_cores
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,9 +29,30 @@ def torchrun_command(run: RunConfig, spec_path: str) -> list[str]:
 class TorchrunLauncher:
     def __init__(self, run: RunConfig, spec_path: str, log_path: str):
         self.run, self.spec_path, self.log_path = run, spec_path, log_path
+        self.spec = None    # the JobSpec written to spec_path, set by the driver before start()
         self.proc: subprocess.Popen | None = None
         self.error: str | None = None
         self._log = None
+
+    connect_phase = None     # nothing to connect to: torchrun starts its processes here
+
+    def connect(self) -> None:
+        pass
+
+    def supply(self) -> ClusterSupply:
+        """This machine: GPUs are one per process; CPU processes start whatever the count
+        (oversubscription is a warning), so only GPUs are scheduled."""
+        import torch
+
+        gpus = float(torch.cuda.device_count()) if self.run.schema.cluster.use_gpu else 0.0
+        return ClusterSupply(where="this machine", total={"GPU": gpus}, available={"GPU": gpus},
+                             scheduled=("GPU",), host_cores=host_cores())
+
+    def sinks(self, job: str, run_name: str) -> list:
+        return []            # no Ray: MLflow and --metrics-jsonl only
+
+    def waiting_for(self) -> str | None:
+        return None
 
     def start(self) -> None:
         env = dict(os.environ)

@@ -2,7 +2,9 @@
 
 Uses MlflowClient with an explicit run id (no fluent global state), so worker-group
 restarts simply keep logging into the same run. A tracking-store outage during training
-prints one warning and does not stop the job.
+prints one warning and does not stop the job. Step metrics carry grouped names
+(orchestrator/metric_names.py); the driver's CPU, memory, disk and network go to
+`system/*` through MLflow's own system-metrics monitor.
 """
 from __future__ import annotations
 
@@ -13,12 +15,10 @@ import tempfile
 import time
 from typing import Any
 
+from .metric_names import grouped_metrics
+
 DEFAULT_URI_FILE = "mlflow.db"
-# Per-step metrics logged to MLflow (when present in the step record).
-STEP_METRICS = (
-    "loss", "lm_loss", "aux_loss", "z_loss", "grad_norm", "lr", "tokens_per_s",
-    "tflops_per_device", "mfu", "step_time_s", "dropped_token_fraction", "load_imbalance",
-    "restarts", "memory_peak_bytes", "build_peak_bytes", "param_bytes")   # plus every comm_bytes_<axis> (dp, ep, tp, cp, pp: bytes sent per step)
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _PARAM_BATCH = 100      # MLflow accepts at most 100 params per log_batch
 _PARAM_MAX_CHARS = 6000
 
@@ -41,11 +41,40 @@ def _artifacts_beside_sqlite(uri: str) -> str | None:
     return pathlib.Path(db_dir, "mlruns").as_uri()
 
 
+def source_tags(entrypoint: str, command: str, in_ray_job: bool) -> dict[str, str]:
+    """MLflow's run-context tags (mlflow.user, mlflow.source.*), with the source named by
+    foldmoe's entrypoint and the git state of the foldmoe code itself (the process's
+    main file may be a console script outside the repository)."""
+    from mlflow.tracking.context.registry import resolve_tags
+    from mlflow.utils.git_utils import get_git_branch, get_git_commit, get_git_repo_url
+
+    tags = dict(resolve_tags())
+    tags.update({"mlflow.source.name": entrypoint, "foldmoe.command": command[:5000],
+                 "mlflow.source.type": "JOB" if in_ray_job else "LOCAL"})
+    for key, value in (("commit", get_git_commit(REPO_ROOT)), ("branch", get_git_branch(REPO_ROOT)),
+                       ("repoURL", get_git_repo_url(REPO_ROOT))):
+        if value:
+            tags[f"mlflow.source.git.{key}"] = value
+    return tags
+
+
+def run_link(uri: str, experiment_id: str, run_id: str) -> str:
+    """Where to see the run: its page on a server, or how to open it for a local store."""
+    page = f"#/experiments/{experiment_id}/runs/{run_id}"
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/{page}"
+    return f"mlflow ui --backend-store-uri {uri}  ->  http://127.0.0.1:5000/{page}"
+
+
 class Tracker:
-    def __init__(self, uri: str, experiment: str, run_name: str, tags: dict[str, str] | None = None):
+    def __init__(self, uri: str, experiment: str, run_name: str, tags: dict[str, str] | None = None,
+                 warn=None):
         from mlflow.tracking import MlflowClient
 
         self.uri = uri
+        self._warn = warn or (lambda message: print(message, file=sys.stderr, flush=True))
+        self._system_metrics = None
+        self.report = True            # render the review report when the run ends
         self.client = MlflowClient(tracking_uri=uri)
         found = self.client.get_experiment_by_name(experiment)
         experiment_id = found.experiment_id if found else self.client.create_experiment(
@@ -63,14 +92,34 @@ class Tracker:
         for i in range(0, len(items), _PARAM_BATCH):
             self._safely(self.client.log_batch, self.run_id, params=items[i:i + _PARAM_BATCH])
 
+    @property
+    def link(self) -> str:
+        return run_link(self.uri, self.experiment_id, self.run_id)
+
     def log_step(self, step: int, record: dict, timestamp_s: float | None = None) -> None:
         from mlflow.entities import Metric
 
         ts = int((timestamp_s or time.time()) * 1000)
-        keys = [*STEP_METRICS, *sorted(k for k in record if k.startswith("comm_bytes_"))]
-        metrics = [Metric(key, float(record[key]), ts, step)
-                   for key in keys if isinstance(record.get(key), (int, float))]
+        metrics = [Metric(key, value, ts, step) for key, value in grouped_metrics(record).items()]
         self._safely(self.client.log_batch, self.run_id, metrics=metrics)
+
+    def start_system_metrics(self) -> None:
+        """MLflow's system-metrics monitor on this run (a thread sampling psutil every
+        $MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL s, default 10); the driver's machine only."""
+        import logging
+
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+            monitor = SystemMetricsMonitor(self.run_id, tracking_uri=self.uri)
+            monitor.start()
+            self._system_metrics = monitor
+        except Exception as err:  # noqa: BLE001 - psutil missing, store down: training goes on
+            self._warn(f"warning: MLflow system metrics are off ({type(err).__name__}: {err})")
+
+    def log_artifacts(self, directory: str, artifact_path: str | None = None) -> None:
+        self._safely(self.client.log_artifacts, self.run_id, directory, artifact_path)
 
     def log_metric(self, key: str, value: float, step: int) -> None:
         self._safely(self.client.log_metric, self.run_id, key, value, step=step)
@@ -89,6 +138,8 @@ class Tracker:
         """status: FINISHED, FAILED or KILLED. Idempotent."""
         if not self._finished:
             self._finished = True
+            if self._system_metrics is not None:
+                self._system_metrics.finish()
             self._safely(self.client.set_terminated, self.run_id, status)
 
     def _safely(self, fn, *args, **kwargs) -> None:
@@ -97,5 +148,5 @@ class Tracker:
         except Exception as err:  # noqa: BLE001 - tracking must not kill training
             if not self._warned:
                 self._warned = True
-                print(f"warning: MLflow logging failed ({type(err).__name__}: {err}); "
-                      "training continues", file=sys.stderr)
+                self._warn(f"warning: MLflow logging failed ({type(err).__name__}: {err}); "
+                           "training continues")

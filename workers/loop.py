@@ -101,14 +101,17 @@ def run_worker(spec: JobSpec, reporter: Reporter) -> dict:
     mesh = FoldedMesh(spec.parallel_config(world), timeout=timedelta(seconds=spec.collective_timeout_s))
     trainer = build_trainer(spec.model, spec.train, mesh, dispatcher=spec.dispatcher,
                             attention_backend=spec.attention_backend, device=device)
+    model_built_at = time.time()
     dataset = TokenDataset(spec.data_dir, spec.train.seq_len)
     manager = CheckpointManager(spec.checkpoint_dir, spec.checkpoint_keep, rank, world,
                                 barrier=dist.barrier)
     resumed_from = resume(trainer, manager, spec)
+    checkpoint_loaded_at = time.time()
     peak, peak_source = peak_flops_per_device(device, spec.train.precision)
     build_peak, held = max_over_ranks([trainer.build_peak_bytes or 0, trainer.param_bytes], device)
     memory = {"build_peak_bytes": build_peak, "param_bytes": held}   # max over ranks
     reporter.start({"world_size": world, "layout": layout_of(trainer), "rank0_pid": os.getpid(),
+                    "model_built_at": model_built_at, "checkpoint_loaded_at": checkpoint_loaded_at,
                     "resumed_from_step": resumed_from, "peak_flops": peak,
                     "peak_flops_source": peak_source, "device": str(device),
                     "params": count_parameters(spec.model), **memory})

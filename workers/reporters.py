@@ -18,7 +18,7 @@ def previous_starts(events_path: str) -> int:
 
 
 class FileReporter:
-    """Rank 0 writes "start" and "step" events; other ranks stay silent.
+    """Rank 0 writes "placed" (on creation), "start" and "step" events; other ranks stay silent.
 
     restarts: worker groups started before this one in the same job (torchrun also sets
     TORCHELASTIC_RESTART_COUNT, which counts groups that died before reporting)."""
@@ -29,6 +29,8 @@ class FileReporter:
         if rank == 0:
             self.restarts = max(previous_starts(events_path),
                                 int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")))
+            # The process group is up: the launcher has placed this worker group.
+            self.writer.write("placed", restarts=self.restarts)
 
     def start(self, info: dict) -> None:
         if self.writer:

@@ -1,14 +1,16 @@
 """Peak FLOP/s per device and MFU.
 
 GPU peaks are datasheet dense tensor-core figures (no 2:4 sparsity), looked up by the CUDA
-device name. On CPU there is no honest datasheet number, so a short matmul benchmark is
-measured once per (dtype, thread count) and the source string says it was measured.
+device name; each table row names its datasheet. A CPU (or an unknown GPU) has no honest
+datasheet number, so its peak is a calibrated matmul rate, measured once per machine and
+cached under the user's cache dir (engine/metrics/calibration.py); the source string says
+so, and the driver shows and logs it.
 """
 from __future__ import annotations
 
-import time
-
 import torch
+
+from .calibration import calibrated_peak
 
 # Dense (non-sparse) peak FLOP/s from vendor datasheets. fp32 = non-tensor-core FP32.
 PEAK_FLOPS: dict[str, dict[str, float]] = {
@@ -25,6 +27,23 @@ PEAK_FLOPS: dict[str, dict[str, float]] = {
     "RTX 4090": {"bf16": 165.2e12, "fp16": 165.2e12, "tf32": 82.6e12, "fp32": 82.6e12},
     "V100": {"fp16": 125e12, "fp32": 15.7e12},
     "MI300X": {"bf16": 1307.4e12, "fp16": 1307.4e12, "tf32": 653.7e12, "fp32": 163.4e12},
+}
+
+# Where each row comes from (the sparse figures these documents also print are halved).
+PEAK_SOURCES: dict[str, str] = {
+    "B200": "NVIDIA HGX B200 datasheet (per GPU, dense)",
+    "H200 SXM": "NVIDIA H200 Tensor Core GPU datasheet, H200 SXM column",
+    "H100 SXM": "NVIDIA H100 Tensor Core GPU datasheet, H100 SXM column",
+    "H100 NVL": "NVIDIA H100 Tensor Core GPU datasheet, H100 NVL column",
+    "H100 PCIe": "NVIDIA H100 PCIe product brief",
+    "H20": "NVIDIA H20 product brief",
+    "A100": "NVIDIA A100 Tensor Core GPU datasheet (SXM and PCIe)",
+    "L40S": "NVIDIA L40S datasheet",
+    "L40": "NVIDIA L40 datasheet",
+    "L4": "NVIDIA L4 Tensor Core GPU datasheet",
+    "RTX 4090": "NVIDIA Ada Lovelace architecture whitepaper, appendix A (GeForce RTX 4090)",
+    "V100": "NVIDIA Tesla V100 datasheet, SXM2 column",
+    "MI300X": "AMD Instinct MI300X accelerator data sheet",
 }
 
 # (substrings that must all appear in the upper-cased device name, table key); first match wins,
@@ -49,9 +68,6 @@ _NAME_RULES: tuple[tuple[tuple[str, ...], str], ...] = (
 )
 
 _DTYPE_KEYS = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-_BENCH_N = {"cpu": 512, "cuda": 4096}  # large enough to reach the GEMM plateau on each
-_BENCH_SECONDS = 0.25
-_measured_peaks: dict[tuple[str, int], float] = {}
 
 
 def dtype_key(dtype: torch.dtype | str) -> str:
@@ -78,51 +94,23 @@ def peak_flops_for_name(device_name: str, dtype: torch.dtype | str) -> tuple[flo
     if key is None or precision not in PEAK_FLOPS[key]:
         return None
     return PEAK_FLOPS[key][precision], (
-        f"datasheet: {device_name!r} -> {key} {precision} dense peak (no sparsity)")
+        f"datasheet: {device_name!r} -> {key} {precision} dense peak (no sparsity), "
+        f"{PEAK_SOURCES[key]}")
 
 
-def peak_flops_per_device(device: torch.device | str,
-                          dtype: torch.dtype | str = torch.bfloat16) -> tuple[float, str]:
-    """(peak FLOP/s of one device, where the number comes from)."""
+def peak_flops_per_device(device: torch.device | str, dtype: torch.dtype | str = torch.bfloat16,
+                          cache_dir: str | None = None) -> tuple[float, str]:
+    """(peak FLOP/s of one device, where the number comes from).
+
+    A GPU in the datasheet table gets its datasheet figure; anything else a calibrated
+    peak (cached per machine in cache_dir, default the user's cache dir)."""
     device = torch.device(device)
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        found = peak_flops_for_name(name, dtype)
+        found = peak_flops_for_name(torch.cuda.get_device_name(device), dtype)
         if found is not None:
             return found
-        value = measure_matmul_peak(device, dtype)
-        return value, f"measured: unknown GPU {name!r}, best {dtype_key(dtype)} matmul rate"
-    value = measure_matmul_peak(device, dtype)
-    return value, (f"measured on CPU ({torch.get_num_threads()} threads): best "
-                   f"{dtype_key(dtype)} {_BENCH_N['cpu']}^3 matmul rate, not a datasheet peak")
-
-
-def measure_matmul_peak(device: torch.device, dtype: torch.dtype | str) -> float:
-    """Best observed 2n³/t over ~0.25 s of n x n matmuls (cached per device, dtype, threads)."""
-    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16,
-                   "fp32": torch.float32, "tf32": torch.float32}[dtype_key(dtype)]
-    cache_key = (f"{device}:{torch_dtype}", torch.get_num_threads())
-    if cache_key not in _measured_peaks:
-        _measured_peaks[cache_key] = _time_matmuls(device, torch_dtype)
-    return _measured_peaks[cache_key]
-
-
-def _time_matmuls(device: torch.device, dtype: torch.dtype) -> float:
-    n = _BENCH_N.get(device.type, _BENCH_N["cpu"])
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    _synchronize(device, torch.mm(a, b))  # warm-up: thread pool, kernel selection
-    best, deadline = 0.0, time.perf_counter() + _BENCH_SECONDS
-    while time.perf_counter() < deadline:
-        start = time.perf_counter()
-        _synchronize(device, torch.mm(a, b))
-        best = max(best, 2 * n ** 3 / (time.perf_counter() - start))
-    return best
-
-
-def _synchronize(device: torch.device, _result: torch.Tensor) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    calibration = calibrated_peak(device, dtype_key(dtype), cache_dir)
+    return calibration.flops, calibration.describe()
 
 
 def tflops_per_device(flops_per_iter: float, iter_time_s: float, world_size: int) -> float:

@@ -56,6 +56,19 @@ def moe_stats(model_or_layers, reset: bool = True) -> dict[str, float]:
             "load_imbalance": sum(imbalance) / len(imbalance), "load_imbalance_max": max(imbalance)}
 
 
+def load_imbalance_by_layer(chunks) -> dict[int, float]:
+    """{global layer id: max/mean tokens per expert since the last reset} for the MoE layers
+    of these model chunks (their `layers` are keyed by global layer id); reads, never resets."""
+    out = {}
+    for chunk in chunks:
+        for layer_id, block in chunk.layers.items():
+            for layer in moe_layers(block):
+                counts = layer.stats_acc["tokens_per_expert"]
+                if layer.stats_acc["forwards"] and counts.sum() > 0:
+                    out[int(layer_id)] = float(counts.max() / counts.mean())
+    return out
+
+
 @torch.no_grad()
 def update_expert_biases(model_or_layers) -> None:
     """After the optimizer step: bias += rate * sign(mean - count) on every layer with an

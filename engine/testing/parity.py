@@ -118,6 +118,15 @@ def assert_parity(result: dict, reference: dict, label: str) -> float:
     expected_norms = [m["grad_norm"] for m in reference["metrics"]]
     for got, want in zip(norms, expected_norms, strict=True):
         assert abs(got - want) <= 1e-5 * abs(want), (label, "grad_norm", norms, expected_norms)
+    # Per-layer expert load: integer token counts summed in fp64 over the same routing
+    # decisions (the losses above already agree), gathered from whichever stage holds each
+    # layer; a layer missed or double counted by the pipeline gather is off by far more.
+    for got, want in zip(result["metrics"], reference["metrics"], strict=True):
+        by_layer, expected_by_layer = got["load_imbalance_by_layer"], want["load_imbalance_by_layer"]
+        assert by_layer.keys() == expected_by_layer.keys(), (label, by_layer, expected_by_layer)
+        for layer_id, value in by_layer.items():
+            assert abs(value - expected_by_layer[layer_id]) <= 1e-9 * value, (
+                label, "load_imbalance_by_layer", layer_id, by_layer, expected_by_layer)
     errors = step_errors(result, reference)
     assert errors[0][0] <= STEP0_TOL, (label, "step 0", errors[0])
     for step, (err, where) in enumerate(errors[1:], start=1):

@@ -18,13 +18,15 @@ from engine.config.model import ModelConfig
 from engine.config.train import TrainConfig
 from engine.metrics import model_flops_per_iteration
 from engine.metrics.memory import param_bytes
-from engine.moe.tracking import moe_stats, set_aux_loss_scale, update_expert_biases
+from engine.moe.tracking import (load_imbalance_by_layer, moe_stats, set_aux_loss_scale,
+                                 update_expert_biases)
 from engine.optim import FoldedOptimizer
 from engine.parallel.axes import Axis
 from engine.parallel.mesh import FoldedMesh
 from engine.parallel.traffic import by_kind
 from engine.train.batch import split_microbatches
 from engine.train.loss import lm_loss_fn
+from engine.train.phase_clock import PhaseClock
 from engine.train.pipeline_setup import build_executor
 from engine.train.state import checkpoint_state, load_checkpoint_state
 
@@ -60,6 +62,7 @@ class Trainer:
         self.model_flops = model_flops_per_iteration(
             model_cfg, train_cfg.global_batch_size, train_cfg.seq_len)
         self.completed_steps = 0
+        self.clock = PhaseClock(self.device)
         self.executor = None
         if mesh.config.pp > 1:
             self.executor = build_executor(self)
@@ -87,20 +90,27 @@ class Trainer:
     def train_step(self, step: int, global_tokens: torch.Tensor) -> dict[str, float]:
         """One optimizer step on the whole global batch of `step` (same tensor on all ranks)."""
         start = time.perf_counter()
+        self.clock.start()
         for chunk in self.chunks:
             chunk.train()
         microbatches = split_microbatches(global_tokens, self.mesh, self.train_cfg.micro_batch_size,
                                           self.num_microbatches, self.device)
         traffic_before = self.mesh.traffic.snapshot()
+        self.clock.mark("data")
         self.optimizer.prepare_for_backward(self.num_microbatches)
         lm_loss = self._forward_backward(microbatches)
-        self.sync_grads()
+        self.clock.mark("forward_backward")
+        self.sync_grads()   # the part of the reduction backward did not hide
+        self.clock.mark("grad_sync")
         grad_norm = self.optimizer.clip_grad_norm(self.train_cfg.grad_clip)
         lr = self.optimizer.step(step)
         update_expert_biases(self.chunks)
+        self.clock.mark("optimizer")
         metrics = self._step_metrics(lm_loss, grad_norm, lr)
         metrics.update(by_kind(self.mesh.traffic.since(traffic_before)))
+        self.clock.mark("metrics")
         metrics["step_time_s"] = time.perf_counter() - start
+        metrics.update({f"time_{phase}_s": s for phase, s in self.clock.seconds().items()})
         self.completed_steps = step + 1
         return metrics
 
@@ -117,7 +127,8 @@ class Trainer:
         aux = aux_coeff * stats.get("aux_loss", 0.0) * n_layers
         return aux, moe.z_loss_coeff * stats.get("z_loss", 0.0) * n_layers, stats
 
-    def _step_metrics(self, lm_loss: torch.Tensor, grad_norm: float, lr: float) -> dict[str, float]:
+    def _step_metrics(self, lm_loss: torch.Tensor, grad_norm: float, lr: float) -> dict:
+        by_layer = load_imbalance_by_layer(self.chunks)   # before _moe_loss_terms resets them
         aux, z, stats = self._moe_loss_terms()
         # LM loss: sum over dp x cp (replicated over tp), then over pp (0 off the last stage).
         # MoE terms are already global per stage; stages hold different layers: sum over pp.
@@ -125,13 +136,20 @@ class Trainer:
         dist.all_reduce(values[:1], group=self.mesh.group(Axis.DP_CP))
         dist.all_reduce(values, group=self.mesh.group(Axis.PP))
         lm, aux, z = values.tolist()
-        # Worst stage for the load statistics (identical within a stage).
-        worst = torch.tensor([stats.get("dropped_token_fraction", 0.0),
-                              stats.get("load_imbalance_max", 0.0)], dtype=torch.float64)
+        # Worst stage for the load statistics (identical within a stage); each layer lives on
+        # one stage and reads 0 elsewhere, so the same MAX gathers the per-layer imbalance.
+        layers = torch.zeros(self.model_cfg.num_layers, dtype=torch.float64)
+        for layer_id, value in by_layer.items():
+            layers[layer_id] = value
+        worst = torch.cat([torch.tensor([stats.get("dropped_token_fraction", 0.0),
+                                         stats.get("load_imbalance_max", 0.0)],
+                                        dtype=torch.float64), layers])
         dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=self.mesh.group(Axis.PP))
+        moe_ids = [i for i in range(self.model_cfg.num_layers) if self.model_cfg.is_moe_layer(i)]
         return {"loss": lm + aux + z, "lm_loss": lm, "aux_loss": aux, "z_loss": z,
                 "grad_norm": float(grad_norm), "lr": float(lr), "tokens": float(self.global_tokens),
                 "dropped_token_fraction": worst[0].item(), "load_imbalance": worst[1].item(),
+                "load_imbalance_by_layer": {i: worst[2 + i].item() for i in moe_ids},
                 "model_flops": float(self.model_flops)}
 
     def checkpoint_state(self) -> dict:

@@ -26,7 +26,8 @@ def job_overrides(tmp: pathlib.Path, data_cache: pathlib.Path, *, steps: int,
             "train.micro_batch_size=1", "train.warmup_steps=1",
             f"checkpoint.every_steps={every}", f"checkpoint.dir={tmp / 'ckpt'}",
             f"cluster.storage_path={tmp / 'runs'}", f"data.cache_dir={data_cache}",
-            "cluster.max_failures=2", "cluster.collective_timeout_s=120"]
+            "cluster.max_failures=2", "cluster.collective_timeout_s=120",
+            "tracking.report=false"]   # rendered and checked by the quick-start test only
     if tracking_uri:
         sets.append(f"tracking.uri={tracking_uri}")
     return sets + list(extra)
@@ -43,9 +44,10 @@ def cli_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run_cli(args: list[str], cwd: pathlib.Path, timeout: float = 300) -> subprocess.CompletedProcess:
+def run_cli(args: list[str], cwd: pathlib.Path, timeout: float = 300,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], cwd=cwd,
-                          env=cli_env(), capture_output=True, text=True, timeout=timeout)
+                          env=env or cli_env(), capture_output=True, text=True, timeout=timeout)
 
 
 def read_jsonl(path: pathlib.Path) -> list[dict]:

@@ -1,8 +1,10 @@
-"""Driver pre-flight checks that refuse to start: a checkpoint of another layout, a model
-vocabulary smaller than the tokenizer's."""
+"""Driver checks before anything starts: a checkpoint of another layout, a model
+vocabulary smaller than the tokenizer's, a run with nothing left to train, GPUs that are
+not there."""
 from __future__ import annotations
 
 import signal
+import time
 
 import pytest
 import torch
@@ -10,7 +12,7 @@ import torch
 from engine.checkpoint import CheckpointManager
 from orchestrator.cli import main as cli_main
 from orchestrator.config import ConfigError, load_config
-from orchestrator.driver import _signal_of, check_resumable, prepare_data
+from orchestrator.driver import _signal_of, check_resumable, completed_step, prepare_data
 
 from .jobs import TINY
 
@@ -58,3 +60,37 @@ def test_signals_arriving_as_exceptions_end_the_run_as_killed():
     assert _signal_of(KeyboardInterrupt()) == signal.SIGINT
     assert _signal_of(SystemExit(15)) == signal.SIGTERM   # ray.init's handler: sys.exit(15)
     assert _signal_of(RuntimeError("worker died")) is None
+
+
+TINY_LAYOUT = {"world_size": 4, "tp": 2, "cp": 1, "pp": 1, "ep": 4, "etp": 1, "vpp": 1}
+
+
+def test_a_run_already_at_train_steps_says_so_and_opens_no_mlflow_run(tmp_path, capsys):
+    _save_checkpoint(tmp_path / "ckpt", TINY_LAYOUT, step=40)      # tiny-moe: train.steps 40
+    args = ["train", TINY, "--set", f"checkpoint.dir={tmp_path / 'ckpt'}",
+            "--set", f"cluster.storage_path={tmp_path / 'runs'}",
+            "--set", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    assert cli_main(args) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"already complete: the newest checkpoint {tmp_path / 'ckpt' / 'step00000040'} "
+                          "is at train.steps=40 (step 40); nothing to train, no MLflow run opened.")
+    assert "--no-resume" in out and "train.steps" in out
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "runs").exists()
+    # Past train.steps reads "past"; --no-resume (a fresh start) is not complete.
+    run = load_config(TINY, ["train.steps=10"])
+    assert completed_step(run, str(tmp_path / "ckpt")) == (str(tmp_path / "ckpt" / "step00000040"), 40)
+    assert completed_step(load_config(TINY, ["checkpoint.resume=false"]), str(tmp_path / "ckpt")) is None
+
+
+def test_gpus_that_are_not_there_are_refused_by_the_preflight(tmp_path, data_cache, capsys):
+    start = time.monotonic()
+    rc = cli_main(["train", TINY, "--launcher", "torchrun", "--set", "cluster.use_gpu=true",
+                   "--set", f"data.cache_dir={data_cache}", "--set", f"cluster.storage_path={tmp_path}",
+                   "--set", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"])
+    assert rc == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == ("preflight: GPU: the job needs 4 (4 workers x 1 GPU (cluster.num_workers=4, "
+                    "cluster.use_gpu (1 GPU per worker))); this machine has 0; run it on a cluster "
+                    "with GPUs, or set cluster.use_gpu=false")
+    assert not (tmp_path / "mlflow.db").exists()       # refused before the MLflow run
+    print(f"\n[figures] preflight refusal (torchrun, in-process): {time.monotonic() - start:.1f}s")

@@ -1,23 +1,30 @@
-"""Ray Train V2 jobs on the session's local Ray: the tiny config on 4 CPU workers, and a
-worker killed from outside mid-run that must resume to bit-identical losses.
+"""Ray Train V2 jobs on the session's local Ray: the tiny config on 4 CPU workers (its Ray
+metrics scraped from the node's Prometheus endpoint while it runs, and checked against
+the Grafana dashboard), and a worker killed from outside mid-run that must resume to
+bit-identical losses.
 
 The driver runs in-process (the test is the driver), exactly as `foldmoe train` does."""
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import threading
 import time
+import urllib.request
 
 import pytest
 
 from orchestrator.config import load_config
 from orchestrator.driver import run_training
 
-from .jobs import (TINY, cli_env, job_overrides, last_per_step, metric_steps, only_run,
+from .jobs import (ROOT, TINY, cli_env, job_overrides, last_per_step, metric_steps, only_run,
                    process_alive, read_jsonl, set_args, sigterm_after_first_step, wait_for)
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
+GRAFANA = ROOT / "dashboards" / "grafana_foldmoe.json"
 
 STEPS, EVERY = 10, 3
 
@@ -31,25 +38,67 @@ def _run_ray_job(tmp, data_cache, **kwargs):
     return result, read_jsonl(tmp / "m.jsonl")
 
 
+class MetricsScraper(threading.Thread):
+    """Polls the node's Prometheus endpoint; keeps the foldmoe metric names it has seen."""
+
+    def __init__(self, port: int):
+        super().__init__(daemon=True)
+        self.url, self.seen, self.done = f"http://127.0.0.1:{port}/metrics", set(), threading.Event()
+
+    def scrape(self) -> None:
+        try:
+            text = urllib.request.urlopen(self.url, timeout=5).read().decode()
+        except OSError:
+            return
+        self.seen |= {line.split("{")[0].split(" ")[0] for line in text.splitlines()
+                      if line.startswith("ray_foldmoe_")}
+
+    def run(self) -> None:
+        while not self.done.wait(1.0):
+            self.scrape()
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(ray_cluster, tmp_path_factory, data_cache):
     tmp = tmp_path_factory.mktemp("ray_uninterrupted")
+    scraper = MetricsScraper(ray_cluster.nodes()[0]["MetricsExportPort"])
+    scraper.start()
     started = time.time()
     result, records = _run_ray_job(tmp, data_cache)
     print(f"\n[figures] ray tiny job (4 CPU workers, {STEPS} steps): time to first step "
           f"{result.summary['time_to_first_step_s']:.1f}s, job {time.time() - started:.1f}s")
-    return tmp, result, records
+    # Ray's metrics agent exports every ~10 s; the last samples may land after the job.
+    wanted = _grafana_metric_names()
+    deadline = time.monotonic() + 30
+    while not wanted <= scraper.seen and time.monotonic() < deadline:
+        time.sleep(1.0)
+    scraper.done.set()
+    return tmp, result, records, scraper.seen
+
+
+def _grafana_metric_names() -> set[str]:
+    doc = json.loads(GRAFANA.read_text())
+    exprs = [t["expr"] for p in doc["panels"] for t in p["targets"]]
+    exprs += [v["query"]["query"] for v in doc["templating"]["list"] if v["type"] == "query"]
+    return {name for expr in exprs for name in re.findall(r"\bray_foldmoe_\w+", expr)}
+
+
+def test_grafana_queries_name_metrics_the_running_job_exports(uninterrupted):
+    *_, seen = uninterrupted
+    wanted = _grafana_metric_names()
+    assert len(wanted) >= 6
+    assert wanted <= seen, wanted - seen
 
 
 def test_tiny_config_on_4_ray_train_workers(uninterrupted):
-    tmp, result, records = uninterrupted
+    tmp, result, records, _ = uninterrupted
     assert result.rc == 0, result.error
     assert [r["step"] for r in records] == list(range(STEPS))
     assert all(r["restarts"] == 0 for r in records)
     client, run = only_run(f"sqlite:///{tmp / 'mlflow.db'}")
     assert run.info.status == "FINISHED" and run.info.run_id == result.run_id
     assert run.data.params["layout.world_size"] == "4"
-    assert metric_steps(client, run.info.run_id, "loss") == [(r["step"], r["loss"]) for r in records]
+    assert metric_steps(client, run.info.run_id, "train/loss") == [(r["step"], r["loss"]) for r in records]
     # The worker pid files name 4 distinct processes: one Ray Train worker per rank.
     pids = {p.read_text() for p in (tmp / "runs").glob("*/workers/rank*.pid")}
     assert len(pids) == 4
@@ -71,7 +120,7 @@ def _kill_rank_after_checkpoint(tmp, rank: int, step: int, out: dict) -> None:
 
 
 def test_killed_worker_restarts_and_resumes_bit_exact(uninterrupted, tmp_path, data_cache):
-    _, reference_result, reference = uninterrupted
+    _, reference_result, reference, _ = uninterrupted
     assert reference_result.rc == 0
     killed: dict = {}
     killer = threading.Thread(target=_kill_rank_after_checkpoint,
@@ -96,7 +145,7 @@ def test_killed_worker_restarts_and_resumes_bit_exact(uninterrupted, tmp_path, d
 
     client, run = only_run(f"sqlite:///{tmp_path / 'mlflow.db'}")   # the same single run
     assert run.info.status == "FINISHED"
-    assert max(v for _, v in metric_steps(client, run.info.run_id, "restarts")) >= 1
+    assert max(v for _, v in metric_steps(client, run.info.run_id, "cluster/restarts")) >= 1
     print(f"\n[figures] recovery after kill (kill -> next completed step): "
           f"{after[0]['time'] - killed['kill_time']:.1f}s; resumed at step {after[0]['step']}; "
           f"time to first step {result.summary['time_to_first_step_s']:.1f}s")

@@ -41,9 +41,9 @@ def test_file_reporter_writes_from_rank_0_only_with_torchrun_restart_count(tmp_p
     reporter.start({"world_size": 2})
     reporter.step({"step": 0, "loss": float("nan")})
     events = EventTail(path).read()
-    assert [e["type"] for e in events] == ["start", "step"]
+    assert [e["type"] for e in events] == ["placed", "start", "step"]   # placed: on creation
     assert all(e["restarts"] == 2 for e in events)
-    assert events[1]["loss"] == "nan"          # JSON has no NaN; kept readable
+    assert events[-1]["loss"] == "nan"          # JSON has no NaN; kept readable
 
 
 def test_restarts_count_the_worker_groups_that_came_up_before(tmp_path, monkeypatch):
