@@ -77,13 +77,29 @@ def global_coords(full_shape: Sequence[int], slices: Sequence[tuple], device) ->
     return coords
 
 
-def _flat_index(coords: list[torch.Tensor], full_shape: Sequence[int]) -> torch.Tensor:
-    strides = [math.prod(full_shape[d + 1:]) for d in range(len(full_shape))]
+def _flat_index(coords: list[torch.Tensor], strides: list[int], offset: int) -> torch.Tensor:
+    """offset + sum_d coords[d] * strides[d], broadcast to the block's shape (int64)."""
     ndim = len(coords)
-    flat = torch.zeros((), dtype=torch.long, device=coords[0].device if coords else "cpu")
+    flat = torch.full((), offset, dtype=torch.long, device=coords[0].device)
     for d, (c, stride) in enumerate(zip(coords, strides)):
         flat = flat + (c * stride).view([-1 if i == d else 1 for i in range(ndim)])
     return flat
+
+
+def _fill_block_(out: torch.Tensor, coords: list[torch.Tensor], strides: list[int], offset: int,
+                 key: int, std: float) -> None:
+    """Fills `out` (whose dims map to `coords`) chunk by chunk: row blocks of dim 0 while a
+    row fits in _CHUNK_ELEMS, else one row at a time, recursing into the row."""
+    row = out[0].numel() if out.dim() > 1 else 1
+    if out.dim() > 1 and row > _CHUNK_ELEMS:
+        for r in range(out.shape[0]):
+            _fill_block_(out[r], coords[1:], strides[1:], offset + int(coords[0][r]) * strides[0],
+                         key, std)
+        return
+    rows = max(1, _CHUNK_ELEMS // row)
+    for lo in range(0, out.shape[0], rows):
+        part = [coords[0][lo:lo + rows], *coords[1:]]
+        out[lo:lo + rows] = (normal_at(_flat_index(part, strides, offset), key) * std).to(out.dtype)
 
 
 def init_rule(name: str, cfg: ModelConfig) -> tuple[str, float]:
@@ -110,12 +126,10 @@ def fill_shard_(out: torch.Tensor, name: str, full_shape: Sequence[int], slices:
         return out
     coords = global_coords(full_shape, slices, out.device)
     key = stream_key(seed, name)
-    rows = max(1, _CHUNK_ELEMS // max(1, out[0].numel() if out.dim() else 1))
     if out.dim() == 0:
         return out.copy_(normal_at(torch.zeros((), dtype=torch.long, device=out.device), key) * std)
-    for lo in range(0, out.shape[0], rows):
-        part = [coords[0][lo:lo + rows], *coords[1:]]
-        out[lo:lo + rows] = (normal_at(_flat_index(part, full_shape), key) * std).to(out.dtype)
+    strides = [math.prod(full_shape[d + 1:]) for d in range(len(full_shape))]
+    _fill_block_(out, coords, strides, 0, key, std)
     return out
 
 

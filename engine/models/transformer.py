@@ -76,7 +76,10 @@ class MoETransformer(nn.Module):
         layer_ids = range(cfg.num_layers) if layer_ids is None else list(layer_ids)
         self.first_stage, self.last_stage = first_stage, last_stage
         needs_embed = first_stage or (last_stage and cfg.tie_embeddings)
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size) if needs_embed else None
+        # from_pretrained skips nn.Embedding's normal_ init: values come from engine.models.init,
+        # and normal_ on the meta device would import torch._dynamo (~2 s, ~150 MB per process).
+        self.embed = (nn.Embedding.from_pretrained(torch.empty(cfg.vocab_size, cfg.hidden_size), freeze=False)
+                      if needs_embed else None)
         self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg, i) for i in layer_ids})
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps) if last_stage else None
         self.head = None

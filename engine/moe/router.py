@@ -78,7 +78,8 @@ class TopKRouter(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.weight = nn.Parameter(torch.empty(cfg.num_experts, hidden_size))
-        nn.init.normal_(self.weight, std=0.02)
+        if not self.weight.is_meta:   # meta (shard-size build): engine.models.init fills it
+            nn.init.normal_(self.weight, std=0.02)
         if cfg.expert_bias:
             self.register_buffer("expert_bias", torch.zeros(cfg.num_experts, dtype=torch.float32))
         else:
