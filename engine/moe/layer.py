@@ -99,11 +99,13 @@ class MoELayer(nn.Module):
     def reset_stats(self) -> None:
         """Clears the accumulators read by `moe_stats` (the trainer does this per step)."""
         num_experts = self.cfg.num_experts
-        self.stats_acc = {"forwards": 0, "tokens_per_expert": torch.zeros(num_experts, dtype=torch.float64),
+        self.stats_acc = {"forwards": 0, "tokens_per_expert": torch.zeros(num_experts, dtype=torch.float64, device="cpu"),
                           "routed": 0.0, "kept": 0.0, "aux_loss": 0.0, "z_loss": 0.0}
 
     def reset_bias_counts(self) -> None:
-        self.bias_counts_e = torch.zeros(self.cfg.num_experts, dtype=torch.float64)
+        # On the CPU explicitly, like the counts added to it: the layer is built under a
+        # meta-device context (engine.compose), and a meta accumulator cannot be updated.
+        self.bias_counts_e = torch.zeros(self.cfg.num_experts, dtype=torch.float64, device="cpu")
 
     @torch.no_grad()
     def _record(self, stats: GlobalRoutingStats, values: dict) -> None:
