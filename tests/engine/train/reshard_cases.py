@@ -25,9 +25,9 @@ from engine.testing.layouts import dp_of
 from engine.testing.parity import synthetic_global_batch
 from engine.train.state import checkpoint_state, load_resharded
 
-K_STEPS, MORE_STEPS = 2, 3
+K_STEPS, MORE_STEPS = 1, 3
 MODEL = dict(moe_expert_bias=True, moe_score_func="sigmoid", tie_embeddings=True)
-TRAIN = dict(global_batch_size=4, seq_len=16, lr=1e-3, eps=1e-3, warmup_steps=1,
+TRAIN = dict(global_batch_size=8, seq_len=8, lr=1e-3, eps=1e-3, warmup_steps=1,
              steps=K_STEPS + MORE_STEPS, weight_decay=0.1, grad_clip=1.0)
 GLOBAL_MICRO_BATCH = 4
 
