@@ -139,6 +139,11 @@ class ReshardReader:
         """A whole tensor of one saved rank (e.g. its RNG state)."""
         return self._handle(saved_rank).get_tensor(key)
 
+    def read_rank_tensors(self, saved_rank: int) -> dict[str, torch.Tensor]:
+        """Every tensor of one saved rank's file."""
+        handle = self._handle(saved_rank)
+        return {key: handle.get_tensor(key) for key in handle.keys()}
+
     def _read_box(self, shard: SavedShard, pos: list[torch.Tensor]) -> torch.Tensor:
         """The elements of the product of `pos` (local positions of `shard`), reading only
         their bounding box from the file."""

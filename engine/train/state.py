@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.checkpoint import capture_rng_state, restore_rng_state
+from engine.checkpoint import CheckpointError, capture_rng_state, restore_rng_state
 from engine.checkpoint.reshard import ReshardReader
 from engine.checkpoint.rng import CPU_KEY
 from engine.optim.state import owned_views
@@ -88,6 +88,8 @@ def load_resharded(trainer, path: str) -> dict:
     step), RNG state and step. Returns {"step", "files_read", "saved_world_size"}."""
     reader = ReshardReader(path, trainer.mesh.rank)
     meta = reader.rank_meta[0]
+    if not any(key.startswith("optim/") for key in reader.shards):
+        return _load_unsharded_format(trainer, reader)
     params = dict(trainer.named_params)
     with torch.no_grad():
         for chunk in trainer.chunks:
@@ -121,3 +123,17 @@ def _fill_model_tensor(reader, name: str, tensor: torch.Tensor, param) -> None:
         reader.fill_(master, tensor, recorded, tensor.shape)
     else:
         reader.fill_(f"model/{name}", tensor, recorded, tensor.shape)
+
+
+def _load_unsharded_format(trainer, reader) -> dict:
+    """Checkpoints written before optimizer tensors had shard entries: loadable into the
+    layout that wrote them only (their optimizer state says nothing about other layouts)."""
+    rank = trainer.mesh.rank
+    if reader.saved_world != trainer.mesh.config.world_size:
+        raise CheckpointError(f"{reader.path}: written by world size {reader.saved_world} in the "
+                              "format without optimizer shard entries; it loads only at that world "
+                              f"size and layout, not at {trainer.mesh.config.world_size}")
+    load_checkpoint_state(trainer, {"tensors": reader.read_rank_tensors(rank),
+                                    "meta": reader.rank_meta[rank]})
+    return {"step": trainer.completed_steps, "files_read": sorted(reader.files_read),
+            "saved_world_size": reader.saved_world}

@@ -9,6 +9,7 @@ same global micro-batches (engine/testing/layouts.py).
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -58,19 +59,25 @@ def _without_rng(state: dict) -> dict:
 
 
 def save_side(rank: int, world: int, layout: dict, ckpt_dir: str) -> dict:
-    """Trains K steps at A, saves, continues MORE_STEPS at A."""
+    """Trains K steps at A, saves, continues MORE_STEPS at A. layout["legacy"] saves in the
+    format of before resharding (no shard entries for optimizer tensors)."""
+    layout = dict(layout)
+    legacy = layout.pop("legacy", False)
     trainer, model_cfg = _trainer(world, layout)
     _steps(trainer, model_cfg, range(K_STEPS))
     trainer.completed_steps = K_STEPS
     manager = CheckpointManager(ckpt_dir, keep=0, rank=rank, world_size=world, barrier=dist.barrier)
-    manager.save(K_STEPS, checkpoint_state(trainer))
+    state = checkpoint_state(trainer)
+    if legacy:
+        state["shards"] = {k: v for k, v in state["shards"].items() if not k.startswith("optim/")}
+    manager.save(K_STEPS, state)
     return {"continued": _steps(trainer, model_cfg, range(K_STEPS, K_STEPS + MORE_STEPS))}
 
 
 def load_side(rank: int, world: int, layout: dict, ckpt_dir: str) -> dict:
     """Loads the checkpoint at B; returns this rank's state right after loading (as it
     would save it) and the MORE_STEPS that follow."""
-    trainer, model_cfg = _trainer(world, layout)
+    trainer, model_cfg = _trainer(world, {k: v for k, v in layout.items() if k != "legacy"})
     path = CheckpointManager(ckpt_dir, keep=0, rank=rank, world_size=world,
                              barrier=dist.barrier).latest()
     info = load_resharded(trainer, path)
@@ -89,6 +96,7 @@ def run_cases(rank: int, world: int, saves: list, loads: list) -> dict:
     return out
 
 
+@functools.cache
 def global_shapes() -> dict[str, tuple[int, ...]]:
     """Global shape of every model tensor, from the whole model built on the meta device."""
     from engine.models.transformer import MoETransformer
