@@ -96,6 +96,25 @@ def _flat_index(pos: list[torch.Tensor], shape) -> torch.Tensor:
     return flat
 
 
+def _row_span(shape, flat_range: tuple[int, int]) -> tuple[int, int]:
+    """The dim-0 rows that a flat range [lo, hi) of a tensor of `shape` touches."""
+    row = max(_numel(shape[1:]), 1)
+    return flat_range[0] // row, -(-flat_range[1] // row)
+
+
+def _rows_in_ranges(matches, local_shape, target_range, shard: SavedShard):
+    """Drops the dim-0 matches outside the rows of the target's and the shard's flat ranges,
+    so the element path's index tensors stay about the size of what this rank owns
+    (a ZeRO-1 range), not of the whole local tensor."""
+    if not matches or not len(local_shape):
+        return matches
+    (my_lo, my_hi), (src_lo, src_hi) = (_row_span(local_shape, target_range),
+                                        _row_span(shard.local_shape, shard.stored_range))
+    my_pos, src_pos = matches[0]
+    keep = (my_pos >= my_lo) & (my_pos < my_hi) & (src_pos >= src_lo) & (src_pos < src_hi)
+    return [(my_pos[keep], src_pos[keep])] + list(matches[1:])
+
+
 class ReshardReader:
     """Reads a checkpoint written by any layout for the rank `rank` of the current one."""
 
@@ -189,7 +208,8 @@ class ReshardReader:
             if len(shard.local_shape) != len(local_shape):
                 raise CheckpointError(f"{key}: saved with {len(shard.local_shape)} dims, "
                                       f"this model has {len(local_shape)}")
-            matches = [_match(m, t) for m, t in zip(mine, shard.coverage)]
+            matches = _rows_in_ranges([_match(m, t) for m, t in zip(mine, shard.coverage)],
+                                      local_shape, target_range, shard)
             if any(len(my_pos) == 0 for my_pos, _ in matches):
                 continue
             self._copy(shard, out, local_shape, target_range, flat_range is None, matches, filled)

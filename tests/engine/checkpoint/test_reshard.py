@@ -72,6 +72,10 @@ def test_index_slices_and_flat_ranges(ckpt):
     moments = torch.empty(3)
     reader.fill_("optim/m/w", moments, picked, (2, 3), (2, 5))
     assert torch.equal(moments, (GLOBAL[[4, 1]][:, 2:5] * 10).flatten()[2:5])
+    # A range inside one row: global row 1, cols 0..2 (in saved rank 0's flat range [0, 12)).
+    second_row = torch.empty(3)
+    reader.fill_("optim/m/w", second_row, [[0, [4, 1], None], [1, 0, 3]], (2, 3), (3, 6))
+    assert torch.equal(second_row, GLOBAL[1, 0:3] * 10)
 
 
 def test_unchanged_layout_reads_only_its_own_file(ckpt):
