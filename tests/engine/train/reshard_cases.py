@@ -92,7 +92,7 @@ def run_cases(rank: int, world: int, saves: list, loads: list) -> dict:
     for name, layout, ckpt_dir in saves:
         out[f"save:{name}"] = save_side(rank, world, layout, ckpt_dir)
     for name, layout, ckpt_dir in loads:
-        out[f"load:{name}"] = load_side(rank, world, layout, os.path.join(ckpt_dir))
+        out[f"load:{name}"] = load_side(rank, world, layout, ckpt_dir)
     return out
 
 
