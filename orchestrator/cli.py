@@ -39,19 +39,26 @@ def _layout_world(run: RunConfig) -> int:
 
 
 def validate_command(run: RunConfig, as_json: bool) -> int:
+    from engine.parallel.replan import describe
+
     from .observer import layout_text
 
     world = _layout_world(run)
     groups = run.layout_table(world)
+    elastic = {w: describe(run.parallel(w)) for w in run.world_sizes} if run.elastic else {}
     if as_json:
-        print(json.dumps({"config": run.resolved(), "world_size": world, "groups": groups}))
+        print(json.dumps({"config": run.resolved(), "world_size": world, "groups": groups,
+                          **({"elastic_layouts": elastic} if run.elastic else {})}))
         return 0
     print(yaml.safe_dump(run.resolved(), sort_keys=False), end="")
     p = run.parallel(world)
     layout = {"tp": p.tp, "cp": p.cp, "pp": p.pp, "ep": p.ep, "etp": p.etp}
     print("\nfolded layout, " + layout_text(world, layout, groups), end="")
     if run.elastic:
-        print(f"(elastic: layout also checked for world size {run.world_sizes[0]})")
+        print("elastic: the layout at every world size (re-planned where the configured "
+              "degrees do not divide it):")
+        for w, text in elastic.items():
+            print(f"  {w:>4} workers: {text}")
     return 0
 
 

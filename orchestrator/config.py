@@ -19,6 +19,7 @@ import yaml
 from pydantic import ValidationError
 
 from engine.config.job import JobSpec
+from engine.config.layout_plan import plan_layout
 from engine.config.model import ModelConfig, get_preset
 from engine.parallel.config import LayoutError, ParallelConfig
 from engine.parallel.ranks import RankLayout
@@ -107,7 +108,7 @@ class RunConfig:
     name: str
     model: ModelConfig
     train: TrainConfig
-    world_sizes: tuple[int, ...]   # the sizes the layout was checked for ([min, max] if elastic)
+    world_sizes: tuple[int, ...]   # the sizes the layout was checked for (min..max if elastic)
 
     @property
     def elastic(self) -> bool:
@@ -122,8 +123,12 @@ class RunConfig:
         return self.schema.tracking.run_name or self.name
 
     def parallel(self, world_size: int) -> ParallelConfig:
-        p = self.schema.parallel
-        return ParallelConfig(world_size=world_size, **p.model_dump())
+        """The configured layout; for an elastic run, the one its workers use at
+        `world_size` (re-planned where the configured one does not fit, as JobSpec does)."""
+        p = self.schema.parallel.model_dump()
+        if self.elastic:
+            return plan_layout(p, world_size, self.model, self.train)
+        return ParallelConfig(world_size=world_size, **p)
 
     def job_spec(self, *, job_dir: str, data_dir: str, checkpoint_dir: str, events_path: str) -> JobSpec:
         """What the workers get: the engine's configs and this job's absolute paths."""
@@ -178,8 +183,23 @@ def _model_config(s: RunSchema) -> ModelConfig:
 
 
 def _world_sizes(s: RunSchema) -> tuple[int, ...]:
+    """Every world size the run may have: each of min..max for an elastic run."""
     n = s.cluster.num_workers
-    return tuple(sorted(set(n))) if isinstance(n, list) else (n,)
+    return tuple(range(min(n), max(n) + 1)) if isinstance(n, list) else (n,)
+
+
+def _check_elastic_world(s: RunSchema, model: ModelConfig, train: TrainConfig, world: int) -> None:
+    """An elastic world size must admit a layout: the configured one, or the re-planned one."""
+    try:
+        _check_layout(s, model, train, world)
+        return
+    except ConfigError:
+        pass
+    try:
+        plan_layout(s.parallel.model_dump(), world, model, train)
+    except (LayoutError, ValueError) as err:
+        raise ConfigError(f"cluster.num_workers={fmt_value(s.cluster.num_workers)}: world size "
+                          f"{world} admits no layout: {err}") from None
 
 
 def _check_world_divisible(s: RunSchema, world: int) -> None:
@@ -237,7 +257,10 @@ def build_run_config(data: dict, default_name: str = "run") -> RunConfig:
         raise ConfigError(str(err)) from None
     sizes = _world_sizes(s)
     for world in sizes:
-        _check_layout(s, model, train, world)
+        if isinstance(s.cluster.num_workers, list):
+            _check_elastic_world(s, model, train, world)
+        else:
+            _check_layout(s, model, train, world)
     return RunConfig(schema=s, name=s.name or default_name, model=model, train=train, world_sizes=sizes)
 
 

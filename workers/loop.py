@@ -24,7 +24,7 @@ from engine.metrics import mfu, peak_flops_per_device, tflops_per_device
 from engine.metrics.memory import peak_memory_bytes
 from engine.models.transformer import count_parameters
 from engine.parallel.mesh import FoldedMesh
-from engine.train.state import layout_of
+from engine.train.state import layout_of, load_resharded
 from engine.train.trainer import Trainer
 
 
@@ -58,15 +58,14 @@ def write_pid_file(job_dir: str, rank: int) -> None:
 def resume(trainer: Trainer, manager: CheckpointManager, spec: JobSpec) -> int | None:
     """Loads the newest complete checkpoint; returns its step, or None for a fresh start.
 
-    A checkpoint of another world size or layout raises CheckpointError naming the
-    difference (resharding is the elastic-training issue, not this one)."""
+    The checkpoint may come from any world size and layout: each rank reads only the
+    regions of the saved shards it needs (engine.train.state.load_resharded)."""
     if not spec.resume:
         return None
     path = manager.latest()
     if path is None:
         return None
-    state = manager.load(path, layout=layout_of(trainer))
-    trainer.load_checkpoint_state(state)
+    load_resharded(trainer, path)
     return trainer.completed_steps
 
 

@@ -152,22 +152,13 @@ class CheckpointManager:
         self._check_fits(path, manifest, layout)
         tensor_name, json_name = rank_file_names(rank)
         for name in (tensor_name, json_name):
-            _verify_file(path, name, manifest)
+            verify_file(path, name, manifest)
         side = read_json(os.path.join(path, json_name))
         return {"tensors": load_file(os.path.join(path, tensor_name)),
                 "shards": side["shards"], "meta": side["meta"]}
 
     def _read_manifest(self, path: str) -> dict:
-        manifest_path = os.path.join(path, MANIFEST)
-        if not os.path.isfile(manifest_path):
-            raise CheckpointError(f"{path}: no {MANIFEST}; the checkpoint is incomplete (killed "
-                                  "mid-save?) and cannot be loaded")
-        manifest = read_json(manifest_path)
-        if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
-            raise CheckpointError(f"{manifest_path}: format {manifest.get('format')!r} version "
-                                  f"{manifest.get('format_version')!r}; expected {FORMAT!r} "
-                                  f"version {FORMAT_VERSION}")
-        return manifest
+        return read_manifest(path)
 
     def _check_fits(self, path: str, manifest: dict, layout: dict | None) -> None:
         if manifest["world_size"] != self.world_size:
@@ -179,6 +170,20 @@ class CheckpointManager:
                                   f"{describe_layout_diff(manifest['layout'], layout)}")
 
 
+def read_manifest(path: str) -> dict:
+    """The manifest of a complete checkpoint, after checking its format."""
+    manifest_path = os.path.join(path, MANIFEST)
+    if not os.path.isfile(manifest_path):
+        raise CheckpointError(f"{path}: no {MANIFEST}; the checkpoint is incomplete (killed "
+                              "mid-save?) and cannot be loaded")
+    manifest = read_json(manifest_path)
+    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{manifest_path}: format {manifest.get('format')!r} version "
+                              f"{manifest.get('format_version')!r}; expected {FORMAT!r} "
+                              f"version {FORMAT_VERSION}")
+    return manifest
+
+
 def describe_layout_diff(saved: dict | None, current: dict) -> str:
     """'key: saved=X, this run=Y' for each differing key."""
     saved = saved or {}
@@ -187,7 +192,7 @@ def describe_layout_diff(saved: dict | None, current: dict) -> str:
                      for key in keys if saved.get(key) != current.get(key))
 
 
-def _verify_file(path: str, name: str, manifest: dict) -> None:
+def verify_file(path: str, name: str, manifest: dict) -> None:
     file_path = os.path.join(path, name)
     expected = manifest["files"].get(name)
     if expected is None or not os.path.isfile(file_path):

@@ -13,6 +13,7 @@ from typing import Any
 
 from engine.parallel.config import ParallelConfig
 
+from .layout_plan import plan_layout
 from .model import ModelConfig, MoEConfig
 from .train import TrainConfig
 
@@ -37,7 +38,9 @@ class JobSpec:
     extra: dict[str, Any] = field(default_factory=dict)   # launcher-specific, JSON-safe
 
     def parallel_config(self, world_size: int) -> ParallelConfig:
-        return ParallelConfig(world_size=world_size, **self.parallel)
+        """The configured layout, re-planned when it does not fit `world_size` (an elastic
+        restart on fewer or more workers; rule in engine/parallel/replan.py)."""
+        return plan_layout(self.parallel, world_size, self.model, self.train)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

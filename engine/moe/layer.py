@@ -103,6 +103,8 @@ class MoELayer(nn.Module):
                           "routed": 0.0, "kept": 0.0, "aux_loss": 0.0, "z_loss": 0.0}
 
     def reset_bias_counts(self) -> None:
+        # On the CPU explicitly, like the counts added to it: the layer is built under a
+        # meta-device context (engine.compose), and a meta accumulator cannot be updated.
         self.bias_counts_e = torch.zeros(self.cfg.num_experts, dtype=torch.float64, device="cpu")
 
     @torch.no_grad()

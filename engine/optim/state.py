@@ -17,7 +17,7 @@ from .flat_bucket import FlatBucket
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
-def _owned_views(bucket: FlatBucket):
+def owned_views(bucket: FlatBucket):
     """(name, [lo, hi, numel], {kind: 1-D view}) for every param range this rank owns."""
     plan = bucket.plan
     for slot in plan.slots:
@@ -35,7 +35,7 @@ def _owned_views(bucket: FlatBucket):
 def optimizer_state(buckets: list[FlatBucket], adam_step: int, zero1: bool) -> dict:
     out: dict = {"adam_step": adam_step, "zero1": zero1}
     for bucket in buckets:
-        for name, owned, views in _owned_views(bucket):
+        for name, owned, views in owned_views(bucket):
             out[f"range/{name}"] = owned
             for kind, view in views.items():
                 out[f"{kind}/{name}"] = view.detach().clone()
@@ -46,7 +46,7 @@ def _expected_entries(buckets: list[FlatBucket]) -> dict:
     """key -> owned range (range/ keys) or tensor shape, without copying any state."""
     out: dict = {}
     for bucket in buckets:
-        for name, owned, views in _owned_views(bucket):
+        for name, owned, views in owned_views(bucket):
             out[f"range/{name}"] = owned
             out.update({f"{kind}/{name}": view.shape for kind, view in views.items()})
     return out
@@ -75,7 +75,7 @@ def load_optimizer_state(buckets: list[FlatBucket], state: dict, zero1: bool) ->
     first mismatch when the state was saved with another layout."""
     _check_layout(state, _expected_entries(buckets), zero1)
     for bucket in buckets:
-        for name, _, views in _owned_views(bucket):
+        for name, _, views in owned_views(bucket):
             for kind, view in views.items():
                 view.copy_(state[f"{kind}/{name}"])
     return int(state["adam_step"])

@@ -1,11 +1,19 @@
 """What a rank puts in a checkpoint: its model shards (params and buffers), its optimizer
-shard, RNG states and the step. Shard metadata records where each local tensor sits in
-the global tensor, for inspection and future resharding."""
+shard, RNG states and the step; and how a checkpoint of any layout is loaded back.
+
+Shard metadata records where each local tensor sits in the global tensor: the param's
+slices, and for optimizer tensors also the flat range of the local param they hold. The
+loader (load_resharded) fills every local tensor from the saved shards that overlap it
+(engine/checkpoint/reshard.py), so world size, TP/CP/PP/VPP/EP/ETP, ZeRO-1 and the
+bucketing may all differ between the save and the load."""
 from __future__ import annotations
 
 import torch
 
-from engine.checkpoint import capture_rng_state, restore_rng_state
+from engine.checkpoint import CheckpointError, capture_rng_state, restore_rng_state
+from engine.checkpoint.reshard import ReshardReader
+from engine.checkpoint.rng import CPU_KEY
+from engine.optim.state import owned_views
 from engine.parallel.param_attrs import is_expert, reduce_axes, slices
 
 _LAYOUT_KEYS = ("world_size", "tp", "cp", "pp", "ep", "etp", "vpp")
@@ -42,6 +50,9 @@ def checkpoint_state(trainer) -> dict:
     for name, value in optim.items():
         if isinstance(value, torch.Tensor):
             tensors[f"optim/{name}"] = value.detach().cpu().contiguous()
+            param_name = name.split("/", 1)[1]
+            lo, hi, _ = optim[f"range/{param_name}"]
+            shards[f"optim/{name}"] = dict(shards[f"model/{param_name}"], flat_range=[lo, hi])
         else:
             optim_scalars[name] = value
     tensors.update(capture_rng_state())
@@ -69,3 +80,60 @@ def load_checkpoint_state(trainer, state: dict) -> None:
     trainer.optimizer.load_state_dict(optim)
     restore_rng_state({k: v for k, v in tensors.items() if k.startswith("rng/")})
     trainer.completed_steps = int(state["meta"]["step"])
+
+
+def load_resharded(trainer, path: str) -> dict:
+    """Loads the checkpoint at `path`, written by any layout of the same model, into this
+    rank's params, buffers, optimizer state (master weights, both Adam moments, the AdamW
+    step), RNG state and step. Returns {"step", "files_read", "saved_world_size"}."""
+    reader = ReshardReader(path, trainer.mesh.rank)
+    meta = reader.rank_meta[0]
+    if not any(key.startswith("optim/") for key in reader.shards):
+        return _load_unsharded_format(trainer, reader)
+    params = dict(trainer.named_params)
+    with torch.no_grad():
+        for chunk in trainer.chunks:
+            for name, tensor in chunk.state_dict(keep_vars=True).items():
+                param = params.get(name)
+                _fill_model_tensor(reader, name, tensor.data, param)
+        for bucket in trainer.optimizer.buckets:
+            for name, (lo, hi, _), views in owned_views(bucket):
+                param = params[name]
+                for kind, view in views.items():
+                    key = f"optim/{kind}/{name}"
+                    if kind == "main_param" and not reader.has(key):
+                        key = f"model/{name}"      # saved in fp32: the param is the master
+                    reader.fill_(key, view, slices(param), param.shape, (lo, hi))
+    trainer.optimizer.adam_step = int(meta["optim_scalars"]["adam_step"])
+    if trainer.mesh.rank < reader.saved_world:
+        # The same rank's generator: exact for an unchanged layout; for a new layout the
+        # random streams do not correspond anyway (the tiny presets draw none in training).
+        restore_rng_state({CPU_KEY: reader.read_rank_tensor(trainer.mesh.rank, CPU_KEY)})
+    trainer.completed_steps = int(reader.manifest["step"])
+    return {"step": trainer.completed_steps, "files_read": sorted(reader.files_read),
+            "saved_world_size": reader.saved_world}
+
+
+def _fill_model_tensor(reader, name: str, tensor: torch.Tensor, param) -> None:
+    """A param from the saved params, or from the saved fp32 master weights when this run
+    keeps the params in fp32 and the checkpoint holds them in a lower precision."""
+    recorded = slices(param) if param is not None else ()
+    master = f"optim/main_param/{name}"
+    if tensor.dtype == torch.float32 and reader.has(master):
+        reader.fill_(master, tensor, recorded, tensor.shape)
+    else:
+        reader.fill_(f"model/{name}", tensor, recorded, tensor.shape)
+
+
+def _load_unsharded_format(trainer, reader) -> dict:
+    """Checkpoints written before optimizer tensors had shard entries: loadable into the
+    layout that wrote them only (their optimizer state says nothing about other layouts)."""
+    rank = trainer.mesh.rank
+    if reader.saved_world != trainer.mesh.config.world_size:
+        raise CheckpointError(f"{reader.path}: written by world size {reader.saved_world} in the "
+                              "format without optimizer shard entries; it loads only at that world "
+                              f"size and layout, not at {trainer.mesh.config.world_size}")
+    load_checkpoint_state(trainer, {"tensors": reader.read_rank_tensors(rank),
+                                    "meta": reader.rank_meta[rank]})
+    return {"step": trainer.completed_steps, "files_read": sorted(reader.files_read),
+            "saved_world_size": reader.saved_world}

@@ -43,6 +43,21 @@ def test_validate_text_prints_config_and_layout_table(tmp_path):
     assert lines["ep"].split(None, 1)[1] == "[0, 1, 2, 3]"
 
 
+def test_validate_says_the_layout_of_every_elastic_world_size(tmp_path):
+    args = ["validate", TINY, "--set", "cluster.num_workers=[2, 4]",
+            "--set", "train.global_batch_size=12"]
+    out = _cli(args, tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "     2 workers: tp2 cp1 pp1 (vpp1) ep2 etp1 -> dp1 edp1" in out.stdout
+    assert "     3 workers: tp1 cp1 pp1 (vpp1) ep1 etp1 -> dp3 edp3" in out.stdout
+    assert "     4 workers: tp2 cp1 pp1 (vpp1) ep4 etp1 -> dp2 edp1" in out.stdout
+    doc = json.loads(_cli(args + ["--json"], tmp_path).stdout)
+    assert doc["elastic_layouts"]["3"] == "tp1 cp1 pp1 (vpp1) ep1 etp1 -> dp3 edp3"
+    # A size in [min, max] without a layout is refused at config time, naming it.
+    bad = _cli(["validate", TINY, "--set", "cluster.num_workers=[2, 4]"], tmp_path)
+    assert bad.returncode == 2 and "world size 3 admits no layout" in bad.stderr
+
+
 # Runs the CLI in-process in a fresh interpreter, then reports which heavy modules it loaded.
 _PROBE = ("import sys\nfrom orchestrator.cli import main\nrc = main(sys.argv[1:])\n"
           "print(sorted({m.split('.')[0] for m in sys.modules} & {'ray', 'mlflow', 'torch'}))\n"

@@ -48,9 +48,15 @@ def test_null_capacity_factor_means_dropless():
     assert run.model.moe.capacity_factor is None
 
 
-def test_elastic_num_workers_checks_both_ends():
-    run = load_config(TINY, ["cluster.num_workers=[4, 8]"])
-    assert run.elastic and run.world_sizes == (4, 8)
+def test_elastic_num_workers_checks_every_size_and_replans():
+    run = load_config(TINY, ["cluster.num_workers=[2, 4]", "train.global_batch_size=12"])
+    assert run.elastic and run.world_sizes == (2, 3, 4)
+    layouts = {w: (run.parallel(w).tp, run.parallel(w).ep, run.parallel(w).dp) for w in (2, 3, 4)}
+    # (tp, ep, dp): configured tp2 ep4 at 4; ep shrinks to 2 at 2; 3 keeps only degree 1.
+    assert layouts == {2: (2, 2, 1), 3: (1, 1, 3), 4: (2, 4, 2)}
+    # The workers re-plan by the same rule (JobSpec.parallel_config).
+    spec = run.job_spec(job_dir="/j", data_dir="/d", checkpoint_dir="/c", events_path="/e")
+    assert all(spec.parallel_config(w) == run.parallel(w) for w in (2, 3, 4))
 
 
 def test_set_parses_values_as_yaml():
@@ -72,7 +78,8 @@ BAD = [
     (["train.precision=fp16"], "train.precision='fp16': expected one of"),
     (["cluster.num_workers=[8, 4]"], "cluster.num_workers=[8, 4]: [min, max] needs min <= max"),
     (["cluster.num_workers=0"], "cluster.num_workers=0: expected a positive int"),
-    (["cluster.num_workers=[2, 4]"], "parallel.ep=4: etp*ep*pp = 1*4*1 = 4 does not divide the world size 2"),
+    (["cluster.num_workers=[2, 4]"], "cluster.num_workers=[2, 4]: world size 3 admits no layout: "
+                                     "parallel: no layout for world size 3"),
     (["train.seq_len=63"], "train.seq_len=63: must be divisible by tp*cp = 2"),
     (["train.global_batch_size=6"], "train.global_batch_size=6 is not divisible by micro_batch_size*dp"),
     (["model.preset=gpt5"], "model.preset='gpt5': unknown"),
