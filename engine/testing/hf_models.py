@@ -97,3 +97,25 @@ def foldmoe_step0(rank: int, world: int, model_dir: str, layout: dict, batch: in
     metrics = trainer.train_step(0, synthetic_global_batch(0, batch, seq, cfg.vocab_size))
     return {"loss": metrics["lm_loss"], "grads": trainer.grads_per_step[0], "params": params,
             "slices": {n: slices(p) for n, p in trainer.named_params}}
+
+
+def full_from_hf(name: str, hf_tensors: dict, model_type: str, head_dim: int,
+                 num_experts: int) -> torch.Tensor | None:
+    """The whole foldmoe tensor `name` built from HF tensors (independent of the reader's
+    slicing; the world-1 import test checks this mapping tensor by tensor)."""
+    from engine.hf.names import hf_tensor_map, rope_rows_to_hf
+    spec = hf_tensor_map(name, model_type, head_dim)
+    if spec is None:
+        return None
+    if spec.stacked_experts:
+        return torch.stack([hf_tensors[spec.hf_name.format(expert=e)].T for e in range(num_experts)])
+    tensor = hf_tensors[spec.hf_name]
+    if spec.rope_head_dim is not None:
+        tensor = tensor[rope_rows_to_hf(torch.arange(tensor.shape[0]), spec.rope_head_dim)]
+    return tensor
+
+
+def layouts_step0(rank: int, world: int, cases: list, batch: int, seq: int) -> dict:
+    """foldmoe_step0 for each (label, model_dir, layout) in one spawned job."""
+    return {label: foldmoe_step0(rank, world, model_dir, layout, batch, seq)
+            for label, model_dir, layout in cases}
