@@ -143,7 +143,11 @@ def get_preset(name: str, **overrides) -> ModelConfig:
     """A preset with top-level or `moe_<field>` overrides (e.g. moe_num_experts=16)."""
     if name not in PRESETS:
         raise KeyError(f"model.preset={name!r}: unknown; known presets: {sorted(PRESETS)}")
-    base = PRESETS[name]
+    return with_overrides(PRESETS[name], **overrides)
+
+
+def with_overrides(base: ModelConfig, **overrides) -> ModelConfig:
+    """`base` with top-level or `moe_<field>` overrides."""
     moe_fields = {f.name for f in fields(MoEConfig)}
     moe_over = {k[4:]: v for k, v in overrides.items() if k.startswith("moe_") and k[4:] in moe_fields}
     top_over = {k: v for k, v in overrides.items() if not (k.startswith("moe_") and k[4:] in moe_fields)}
