@@ -119,3 +119,24 @@ def layouts_step0(rank: int, world: int, cases: list, batch: int, seq: int) -> d
     """foldmoe_step0 for each (label, model_dir, layout) in one spawned job."""
     return {label: foldmoe_step0(rank, world, model_dir, layout, batch, seq)
             for label, model_dir, layout in cases}
+
+
+def import_train_save(rank: int, world: int, cases: list, batch: int, seq: int) -> dict:
+    """For each (label, model_dir, layout, steps, checkpoint_root): import, train `steps`
+    steps, save a checkpoint, then return the LM loss of the next batch (before its update)."""
+    import torch.distributed as dist
+    from engine.checkpoint.manager import CheckpointManager
+    out = {}
+    for label, model_dir, layout, steps, root in cases:
+        cfg = model_config_from_hf(read_hf_config(model_dir))
+        mesh = FoldedMesh(ParallelConfig(world_size=world, **layout))
+        train = TrainConfig(global_batch_size=batch, micro_batch_size=batch // mesh.config.dp,
+                            seq_len=seq, lr=1e-2, warmup_steps=0)
+        trainer = build_trainer(cfg, train, mesh, weights=HFWeightSource(model_dir))
+        for step in range(steps):
+            trainer.train_step(step, synthetic_global_batch(step, batch, seq, cfg.vocab_size))
+        manager = CheckpointManager(root, 1, dist.get_rank(), world, barrier=dist.barrier)
+        step_dir = manager.save(steps, trainer.checkpoint_state())
+        next_loss = trainer.train_step(steps, synthetic_global_batch(steps, batch, seq, cfg.vocab_size))
+        out[label] = {"step_dir": step_dir, "next_lm_loss": next_loss["lm_loss"]}
+    return out

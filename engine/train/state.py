@@ -3,6 +3,8 @@ shard, RNG states and the step. Shard metadata records where each local tensor s
 the global tensor, for inspection and future resharding."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from engine.checkpoint import capture_rng_state, restore_rng_state
@@ -46,6 +48,7 @@ def checkpoint_state(trainer) -> dict:
             optim_scalars[name] = value
     tensors.update(capture_rng_state())
     meta = {"step": int(getattr(trainer, "completed_steps", 0)), "layout": layout_of(trainer),
+            "model": dataclasses.asdict(trainer.model_cfg),   # lets `foldmoe export` rebuild shapes
             "optim_scalars": optim_scalars, "rank": trainer.mesh.rank}
     return {"tensors": tensors, "shards": shards, "meta": meta}
 
