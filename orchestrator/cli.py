@@ -2,6 +2,7 @@
 
     foldmoe train CONFIG.yaml [--set key=value ...] [--metrics-jsonl PATH] [--launcher ray|torchrun]
     foldmoe validate CONFIG.yaml [--set key=value ...] [--json]
+    foldmoe export CHECKPOINT_STEP_DIR OUT_DIR [--model-type T] [--max-shard-size 5GB]
 
 Exit codes: 0 success, 1 training failure, 2 config error (one line on stderr, nothing
 started or written), 128+N when stopped by signal N.
@@ -17,6 +18,7 @@ import yaml
 
 from .config import EXIT_CONFIG, ConfigError, RunConfig, add_config_arguments, load_config
 from .driver import add_train_arguments, train_command
+from .export_command import add_export_parser, export_command
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="foldmoe", description=__doc__.split("\n")[0])
@@ -28,6 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate", parents=[common],
                               help="check a config and print it with the folded layout")
     validate.add_argument("--json", action="store_true", help="one JSON object: config, groups")
+    add_export_parser(sub)
     return parser
 
 
@@ -55,6 +58,8 @@ def validate_command(run: RunConfig, as_json: bool) -> int:
 def main(argv: list[str] | None = None) -> int:
     driver_start = time.time()
     args = _parser().parse_args(argv)
+    if args.command == "export":
+        return export_command(args)
     try:
         run = load_config(args.config, args.overrides)
         if args.command == "validate":

@@ -22,7 +22,7 @@ from engine.models.transformer import MoETransformer
 
 from .config import hf_config_from_model, model_type_of
 from .names import hf_tensor_map, rope_rows_to_hf
-from .stream_writer import StreamingSafetensorsWriter, tensor_bytes
+from .stream_writer import StreamingSafetensorsWriter, read_header, read_rows, tensor_bytes
 
 _MODEL_PREFIX = "model/"
 
@@ -109,7 +109,7 @@ def plan_tensors(cfg: ModelConfig, model_type: str, dtypes: dict[str, torch.dtyp
 
 
 def assemble(tensor: HFTensor, shards: list[Shard], cfg: ModelConfig, model_type: str,
-             full_shape: tuple[int, ...], handles: dict, buffer_bytes: int = 16 * 2**20) -> torch.Tensor:
+             full_shape: tuple[int, ...], buffer_bytes: int = 16 * 2**20) -> torch.Tensor:
     """The whole HF tensor from the distinct shards that cover it, each read in row blocks of
     at most `buffer_bytes` (so memory is the output plus one buffer)."""
     spec = hf_tensor_map(tensor.name, model_type, cfg.dim_head)
@@ -117,27 +117,38 @@ def assemble(tensor: HFTensor, shards: list[Shard], cfg: ModelConfig, model_type
     written = 0
     for shard in shards:
         coords = global_coords(full_shape, shard.slices, "cpu")
-        part = handles.setdefault(shard.path, safe_open(shard.path, "pt")).get_slice(shard.key)
         expert = None
         if spec.stacked_experts:
             hits = (coords[0] == tensor.expert).nonzero().flatten().tolist()
             if not hits:
                 continue
             expert, coords = hits[0], coords[1:]
-        rows = len(coords[0]) if coords else 1
-        row_elems = 1
-        for c in coords[1:]:
-            row_elems *= len(c)
-        step = max(1, buffer_bytes // (row_elems * out.element_size()))
-        for lo in range(0, rows, step):
-            hi = min(rows, lo + step)
-            block = part[expert:expert + 1, lo:hi][0] if expert is not None else (
-                part[lo:hi] if coords else part[:])
-            written += _place(out, block, [coords[0][lo:hi], *coords[1:]] if coords else [], spec)
+        written += _read_shard(out, shard, expert, coords, spec, buffer_bytes)
     if written != out.numel():
         raise ExportError(f"{tensor.hf_name}: the checkpoint's shards of {tensor.name!r} cover "
                           f"{written} of {out.numel()} values")
     return out
+
+
+def _read_shard(out, shard: Shard, expert: int | None, coords, spec, buffer_bytes: int) -> int:
+    data_start, header = read_header(shard.path)
+    entry = header[shard.key]
+    if not coords:                                   # a 0-d tensor
+        return _place(out, read_rows(shard.path, data_start, {**entry, "shape": [1]}, (), 0, 1)[0], [], spec)
+    rows = len(coords[0])
+    row_elems = 1
+    for c in coords[1:]:
+        row_elems *= len(c)
+    step = max(1, buffer_bytes // (row_elems * out.element_size()))
+    prefix = () if expert is None else (expert,)
+    written = 0
+    for lo in range(0, rows, step):
+        hi = min(rows, lo + step)
+        # Plain reads, not safetensors' memory map: the pages a map has touched stay resident
+        # while it is open, which would add the shard's size to the peak.
+        block = read_rows(shard.path, data_start, entry, prefix, lo, hi)
+        written += _place(out, block, [coords[0][lo:hi], *coords[1:]], spec)
+    return written
 
 
 def _place(out: torch.Tensor, block: torch.Tensor, coords: list[torch.Tensor], spec) -> int:
@@ -149,9 +160,21 @@ def _place(out: torch.Tensor, block: torch.Tensor, coords: list[torch.Tensor], s
         coords = [rope_rows_to_hf(coords[0], spec.rope_head_dim), *coords[1:]]
     if spec.transpose:
         block, coords = block.T, coords[::-1]
-    index = tuple(c.view([-1 if i == d else 1 for i in range(len(coords))]) for d, c in enumerate(coords))
-    out[index] = block
+    out[_index(coords)] = block
     return block.numel()
+
+
+def _index(coords: list[torch.Tensor]) -> tuple:
+    """Slices for contiguous coordinates (no index tensors of the block's size), broadcast
+    index tensors for the others."""
+    def contiguous(c):
+        return c.numel() > 0 and torch.equal(c, torch.arange(int(c[0]), int(c[0]) + c.numel()))
+    parts = [slice(int(c[0]), int(c[0]) + c.numel()) if contiguous(c) else c for c in coords]
+    tensors = [d for d, p in enumerate(parts) if isinstance(p, torch.Tensor)]
+    if len(tensors) > 1:
+        for d in tensors:
+            parts[d] = parts[d].view([-1 if i == d else 1 for i in tensors])
+    return tuple(parts)
 
 
 def split_files(tensors: list[HFTensor], max_file_bytes: int) -> list[list[HFTensor]]:
@@ -167,7 +190,8 @@ def split_files(tensors: list[HFTensor], max_file_bytes: int) -> list[list[HFTen
 
 
 def export_checkpoint(step_dir: str, out_dir: str, *, model_type: str | None = None,
-                      max_file_bytes: int = 5 * 2**30, progress=None) -> dict:
+                      max_file_bytes: int = 5 * 2**30, buffer_bytes: int = 16 * 2**20,
+                      progress=None) -> dict:
     """Writes config.json, model-XXXXX-of-YYYYY.safetensors and model.safetensors.index.json.
     `progress(done, total)` is called after each tensor. Returns the index."""
     cfg, shards, dtypes = read_checkpoint_layout(step_dir)
@@ -177,14 +201,14 @@ def export_checkpoint(step_dir: str, out_dir: str, *, model_type: str | None = N
     shapes = full_shapes(cfg)
     os.makedirs(out_dir, exist_ok=True)
     groups = split_files(tensors, max_file_bytes)
-    weight_map, handles, done = {}, {}, 0
+    weight_map, done = {}, 0
     for number, group in enumerate(groups, start=1):
         file_name = f"model-{number:05d}-of-{len(groups):05d}.safetensors"
         entries = [(t.hf_name, t.shape, t.dtype) for t in group]
         with StreamingSafetensorsWriter(os.path.join(out_dir, file_name), entries, {"format": "pt"}) as writer:
             for tensor in group:
                 writer.write(tensor.hf_name, assemble(tensor, shards[tensor.name], cfg, model_type,
-                                                      shapes[tensor.name], handles))
+                                                      shapes[tensor.name], buffer_bytes))
                 weight_map[tensor.hf_name] = file_name
                 done += 1
                 if progress is not None:

@@ -62,3 +62,34 @@ class StreamingSafetensorsWriter:
         self._handle.close()
         if exc_type is None and self._next != len(self.entries):
             raise ValueError(f"{self.path}: only {self._next} of {len(self.entries)} tensors written")
+
+
+def read_header(path: str) -> tuple[int, dict]:
+    """(offset of the data section, header dict) of a safetensors file."""
+    with open(path, "rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        return 8 + length, json.loads(handle.read(length))
+
+
+_CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
+
+
+def read_rows(path: str, data_start: int, entry: dict, prefix: tuple[int, ...], lo: int, hi: int) -> torch.Tensor:
+    """Rows lo:hi of sub-tensor `prefix` (leading indices) of a C-contiguous tensor, read with
+    one pread into a fresh buffer: no memory map, so no file page stays resident."""
+    dtype, shape = _CODE_DTYPES[entry["dtype"]], entry["shape"]
+    item = torch.empty((), dtype=dtype).element_size()
+    inner = shape[len(prefix):]
+    row = math.prod(inner[1:]) * item
+    offset = 0
+    for i, index in enumerate(prefix):
+        offset += index * math.prod(shape[i + 1:]) * item
+    offset += lo * row
+    out = torch.empty([hi - lo, *inner[1:]], dtype=dtype)
+    with open(path, "rb", buffering=0) as handle:
+        handle.seek(data_start + entry["data_offsets"][0] + offset)
+        view = memoryview(out.view(torch.uint8).reshape(-1).numpy())
+        got = handle.readinto(view)
+    if got != len(view):
+        raise ValueError(f"{path}: short read ({got} of {len(view)} bytes)")
+    return out

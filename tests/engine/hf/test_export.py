@@ -60,7 +60,8 @@ def test_trained_export_loads_in_transformers_with_the_same_loss(checkpoints):
     root, dirs, results = checkpoints
     result = results["qwen2_moe trained"]
     out = str(root / "hf-trained")
-    export_checkpoint(result["step_dir"], out)
+    from orchestrator.cli import main                 # the user's path: `foldmoe export`
+    assert main(["export", result["step_dir"], out, "--max-shard-size", "20KB"]) == 0
     model = tf.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     assert type(model).__name__ == "Qwen2MoeForCausalLM"
     tokens = synthetic_global_batch(3, BATCH, SEQ, model.config.vocab_size)
