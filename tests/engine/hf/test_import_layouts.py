@@ -17,7 +17,7 @@ from engine.testing.parity import synthetic_global_batch
 
 BATCH, SEQ, WORLD = 4, 8, 4
 LAYOUTS = {"tp2-ep2": {"tp": 2, "ep": 2}, "cp2-ep2": {"cp": 2, "ep": 2},
-           "pp2-tp2-ep2": {"pp": 2, "tp": 2, "ep": 2}}
+           "pp2-tp2-ep2": {"pp": 2, "tp": 2, "ep": 2}, "tp2-etp2-ep2": {"tp": 2, "etp": 2, "ep": 2}}
 
 
 @pytest.mark.slow
