@@ -73,8 +73,8 @@ def hf_config_from_model(cfg: ModelConfig, model_type: str) -> dict:
     moe = cfg.moe
     if moe.num_shared_experts > 1 or (moe.num_shared_experts and model_type != "qwen2_moe"):
         raise HFConfigError(f"{model_type}: cannot express {moe.num_shared_experts} shared experts")
-    if cfg.first_k_dense and model_type == "mixtral" or cfg.num_dense_layers and model_type == "mixtral":
-        raise HFConfigError("mixtral: has no dense FFN layers")
+    if model_type == "mixtral" and cfg.num_dense_layers:
+        raise HFConfigError(f"mixtral: has no dense FFN layers (the model has {cfg.num_dense_layers})")
     out = {"architectures": [ARCHITECTURES[model_type]], "model_type": model_type,
            "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
            "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,

@@ -35,6 +35,7 @@ def checkpoints(tmp_path_factory):
     return root, dirs, results[0]
 
 
+@pytest.mark.slow
 def test_round_trip_is_bit_exact_from_two_layouts(checkpoints):
     root, dirs, results = checkpoints
     exported_layouts = {}
@@ -55,6 +56,7 @@ def test_round_trip_is_bit_exact_from_two_layouts(checkpoints):
     assert all(len(layouts) == 2 for layouts in exported_layouts.values()), exported_layouts
 
 
+@pytest.mark.slow
 def test_trained_export_loads_in_transformers_with_the_same_loss(checkpoints):
     import transformers as tf
     root, dirs, results = checkpoints

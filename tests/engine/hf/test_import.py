@@ -33,6 +33,7 @@ def test_rope_row_maps_are_inverse():
     assert rope_rows_to_hf(torch.tensor([0, 1, 2, 16, 17]), 16).tolist() == [0, 8, 1, 16, 24]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_world1_loss_and_every_gradient_equal_hf(family, tmp_path):
     model = save_tiny_model(family, str(tmp_path))
