@@ -49,7 +49,7 @@ def chunk_layer_ids(cfg: ModelConfig, mesh: FoldedMesh, seq_len: int | None = No
 def build_chunks(cfg: ModelConfig, mesh: FoldedMesh, *, seed: int, dispatcher: str = "alltoall",
                  attention_backend: str = "auto", precision: str = "fp32",
                  recompute: str = "none", seq_len: int | None = None,
-                 device: torch.device | str = "cpu") -> list[MoETransformer]:
+                 device: torch.device | str = "cpu", weights=None) -> list[MoETransformer]:
     n_chunks = mesh.config.pp * mesh.config.vpp
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     chunks = []
@@ -59,7 +59,7 @@ def build_chunks(cfg: ModelConfig, mesh: FoldedMesh, *, seed: int, dispatcher: s
             chunk = MoETransformer(cfg, layer_ids, **stages)
             full_shapes = {name: tuple(p.shape) for name, p in chunk.named_parameters()}
         parallelize_chunk(chunk, mesh, dispatcher=dispatcher, attention_backend=attention_backend)
-        materialize_(chunk, full_shapes, cfg, seed, torch.device(device), dtype)
+        materialize_(chunk, full_shapes, cfg, seed, torch.device(device), dtype, weights)
         chunk.set_recompute(recompute)
         chunks.append(chunk)
     return chunks
@@ -92,16 +92,20 @@ def _tag_tied_embedding(chunk: MoETransformer, mesh: FoldedMesh) -> None:
 
 @torch.no_grad()
 def materialize_(chunk: nn.Module, full_shapes: dict[str, tuple[int, ...]], cfg: ModelConfig,
-                 seed: int, device: torch.device, dtype: torch.dtype) -> None:
+                 seed: int, device: torch.device, dtype: torch.dtype, weights=None) -> None:
     """Replaces every meta parameter by its local shard on `device` in `dtype` (buffers keep
-    their own dtype: the expert bias stays fp32 like the router), keeping the plans' tags."""
+    their own dtype: the expert bias stays fp32 like the router), keeping the plans' tags.
+    `weights` (e.g. engine.hf.reader.HFWeightSource) supplies pretrained values: its
+    `fill_(out, name, full_shape, slices)` reads exactly this rank's slices, and returns
+    False for a tensor it does not hold, which is then initialised as usual."""
     for prefix, module in chunk.named_modules():
         for key, param in list(module._parameters.items()):
             if param is None:
                 continue
             name = f"{prefix}.{key}" if prefix else key
             shard = torch.empty(param.shape, dtype=dtype, device=device)
-            fill_shard_(shard, name, full_shapes[name], slices(param), cfg, seed)
+            if weights is None or not weights.fill_(shard, name, full_shapes[name], slices(param)):
+                fill_shard_(shard, name, full_shapes[name], slices(param), cfg, seed)
             new = nn.Parameter(shard, requires_grad=param.requires_grad)
             copy_attrs(param, new)
             module._parameters[key] = new
@@ -114,9 +118,11 @@ def materialize_(chunk: nn.Module, full_shapes: dict[str, tuple[int, ...]], cfg:
 
 def build_trainer(model_cfg: ModelConfig, train_cfg: TrainConfig, mesh: FoldedMesh, *,
                   dispatcher: str = "alltoall", attention_backend: str = "auto",
-                  device: torch.device | None = None, trainer_cls: type[Trainer] = Trainer) -> Trainer:
+                  device: torch.device | None = None, trainer_cls: type[Trainer] = Trainer,
+                  weights=None) -> Trainer:
     """Validates the model against the mesh's layout, builds this rank's chunks on `device`
-    and returns the Trainer that steps them. `trainer_cls` lets a harness pass a subclass."""
+    and returns the Trainer that steps them. `trainer_cls` lets a harness pass a subclass;
+    `weights` is a pretrained source for materialize_ (None: counter-based init)."""
     mesh.config.validate_for_model(
         num_heads=model_cfg.num_heads, num_kv_heads=model_cfg.num_kv_heads,
         num_experts=model_cfg.moe.num_experts, num_layers=model_cfg.num_layers,
@@ -126,6 +132,7 @@ def build_trainer(model_cfg: ModelConfig, train_cfg: TrainConfig, mesh: FoldedMe
     reset_peak_memory(device)
     chunks = build_chunks(model_cfg, mesh, seed=train_cfg.seed, dispatcher=dispatcher,
                           attention_backend=attention_backend, precision=train_cfg.precision,
-                          recompute=train_cfg.recompute, seq_len=train_cfg.seq_len, device=device)
+                          recompute=train_cfg.recompute, seq_len=train_cfg.seq_len, device=device,
+                          weights=weights)
     return trainer_cls(model_cfg, train_cfg, mesh, chunks, device=device,
                        build_peak_bytes=peak_memory_bytes(device))

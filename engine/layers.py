@@ -54,7 +54,8 @@ class Attention(nn.Module):
     so a column-parallel swap (local heads) needs no change here."""
 
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
-                 rope_theta: float, qkv_bias: bool = False):
+                 rope_theta: float, qkv_bias: bool = False, qk_norm: bool = False,
+                 norm_eps: float = 1e-6):
         super().__init__()
         self.head_dim = head_dim
         self.rope_theta = rope_theta
@@ -62,12 +63,17 @@ class Attention(nn.Module):
         self.wk = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias)
         self.wv = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias)
         self.wo = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
+        # Qwen3: RMSNorm over each head's d channels of q and k, before RoPE.
+        self.q_norm = RMSNorm(head_dim, norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(head_dim, norm_eps) if qk_norm else None
         self.core: nn.Module = SDPAttention()
 
     def project_qkv(self, x_bsh: torch.Tensor, positions_bs: torch.Tensor):
         q = self.wq(x_bsh).unflatten(-1, (-1, self.head_dim))   # [b, s, n_q, d]
         k = self.wk(x_bsh).unflatten(-1, (-1, self.head_dim))   # [b, s, n_kv, d]
         v = self.wv(x_bsh).unflatten(-1, (-1, self.head_dim))
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = rope_cos_sin(positions_bs, self.head_dim, self.rope_theta)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 

@@ -3,6 +3,7 @@
     foldmoe train CONFIG.yaml [--set key=value ...] [--metrics-jsonl PATH] [--launcher ray|torchrun]
                               [--resume | --no-resume]
     foldmoe validate CONFIG.yaml [--set key=value ...] [--json]
+    foldmoe export CHECKPOINT_STEP_DIR OUT_DIR [--model-type T] [--max-shard-size 5GB]
 
 Exit codes: 0 success (also: already complete, nothing to train), 1 training failure,
 2 config error or preflight refusal (one line on stderr, no worker started), 128+N when
@@ -19,6 +20,7 @@ import yaml
 
 from .config import EXIT_CONFIG, ConfigError, RunConfig, add_config_arguments, load_config
 from .driver import add_train_arguments, run_train_args
+from .export_command import add_export_parser, export_command
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -31,6 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate", parents=[common],
                               help="check a config and print it with the folded layout")
     validate.add_argument("--json", action="store_true", help="one JSON object: config, groups")
+    add_export_parser(sub)
     return parser
 
 
@@ -67,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "train":
         return run_train_args(args, driver_start)
+    if args.command == "export":
+        return export_command(args)
     try:
         return validate_command(load_config(args.config, args.overrides), args.json)
     except ConfigError as err:

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from engine.config.job import JobSpec
 from engine.config.layout_plan import plan_layout
-from engine.config.model import ModelConfig, get_preset
+from engine.config.model import ModelConfig, get_preset, with_overrides
 from engine.parallel.config import LayoutError, ParallelConfig
 from engine.parallel.ranks import RankLayout
 from engine.config.train import TrainConfig, pipeline_schedule_for
@@ -139,7 +139,12 @@ class RunConfig:
                        use_gpu=c.use_gpu, cpus_per_worker=c.cpus_per_worker,
                        collective_timeout_s=c.collective_timeout_s,
                        checkpoint_every_steps=ckpt.every_steps, checkpoint_keep=ckpt.keep,
-                       resume=ckpt.resume)
+                       resume=ckpt.resume, init_from=self.init_from)
+
+    @property
+    def init_from(self) -> str | None:
+        path = self.schema.model.init_from
+        return os.path.abspath(path) if path is not None else None
 
     def layout_table(self, world_size: int) -> dict[str, list[list[int]]]:
         return RankLayout(self.parallel(world_size)).table()
@@ -147,8 +152,8 @@ class RunConfig:
     def resolved(self) -> dict:
         """The full config with preset values filled in; loading it gives the same run."""
         s = self.schema
-        model = {"preset": s.model.preset}
-        model.update({f.name: getattr(self.model, f.name)
+        model = {"preset": s.model.preset} if s.model.init_from is None else {"init_from": s.model.init_from}
+        model.update({f.name: _plain(getattr(self.model, f.name))
                       for f in dataclasses.fields(ModelConfig) if f.name != "moe"})
         model.update({key: getattr(self.model.moe, moe_key) for key, moe_key in MOE_SIZE_KEYS.items()})
         moe = {f.name: getattr(self.model.moe, f.name) for f in dataclasses.fields(self.model.moe)
@@ -163,7 +168,8 @@ class RunConfig:
 
 def _model_config(s: RunSchema) -> ModelConfig:
     overrides = {k: getattr(s.model, k) for k in s.model.model_fields_set
-                 if k != "preset" and getattr(s.model, k) is not None and k not in MOE_SIZE_KEYS}
+                 if k not in ("preset", "init_from") and getattr(s.model, k) is not None
+                 and k not in MOE_SIZE_KEYS}
     for key, moe_key in MOE_SIZE_KEYS.items():
         from_model = getattr(s.model, key)
         in_moe = moe_key in s.moe.model_fields_set
@@ -175,11 +181,48 @@ def _model_config(s: RunSchema) -> ModelConfig:
     for key in s.moe.model_fields_set - {"dispatcher"}:
         overrides.setdefault(f"moe_{key}", getattr(s.moe, key))
     try:
+        if s.model.init_from is not None:
+            return pretrained_model_config(s, overrides)
         return get_preset(s.model.preset, **overrides)
     except KeyError as err:
         raise ConfigError(str(err.args[0])) from None
     except (ValueError, TypeError) as err:
         raise ConfigError(str(err)) from None
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def pretrained_model_config(s: RunSchema, overrides: dict) -> ModelConfig:
+    """The model of `model.init_from`'s config.json; explicit keys may only change what keeps
+    every tensor's shape (a shape key that differs is a contradiction)."""
+    from engine.hf.config import HFConfigError, model_config_from_hf, read_hf_config
+    if "preset" in s.model.model_fields_set:
+        raise ConfigError(f"model.preset={s.model.preset}: conflicts with model.init_from "
+                          "(the shapes come from its config.json); set one of them")
+    try:
+        base = model_config_from_hf(read_hf_config(s.model.init_from))
+    except (HFConfigError, KeyError, OSError, ValueError) as err:
+        raise ConfigError(f"model.init_from={s.model.init_from}: {err}") from None
+    moe_fields = {f.name for f in dataclasses.fields(base.moe)}
+    for key, value in overrides.items():
+        is_moe = key.startswith("moe_") and key[4:] in moe_fields
+        name = key[4:] if is_moe else key
+        current = getattr(base.moe if is_moe else base, name, None)
+        if key in SHAPE_KEYS and _plain(value) != _plain(current):
+            shown = next((k for k, v in MOE_SIZE_KEYS.items() if f"moe_{v}" == key), None)
+            label = f"model.{shown}" if shown else (f"moe.{name}" if is_moe else f"model.{key}")
+            raise ConfigError(f"{label}={fmt_value(_plain(value))}: contradicts model.init_from "
+                              f"config.json ({fmt_value(_plain(current))}); it would change tensor shapes")
+    return with_overrides(base, **overrides)
+
+
+# Keys that change a tensor's shape or the set of tensors: fixed by the HF checkpoint.
+SHAPE_KEYS = {"vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+              "ffn_hidden_size", "first_k_dense", "moe_layer_step", "dense_layers", "qkv_bias",
+              "qk_norm", "tie_embeddings", "moe_num_experts", "moe_ffn_hidden_size",
+              "moe_num_shared_experts", "moe_shared_ffn_hidden_size", "moe_shared_expert_gate"}
 
 
 def _world_sizes(s: RunSchema) -> tuple[int, ...]:

@@ -38,6 +38,8 @@ MOE_SIZE_KEYS = {"num_experts": "num_experts", "top_k": "top_k",
 
 
 def _yaml_type(tp: Any) -> Any:
+    if typing.get_origin(tp) is tuple:       # YAML has lists only; the engine makes them tuples
+        return list[typing.get_args(tp)[0]]
     if tp is float:
         return Float
     args = typing.get_args(tp)
@@ -69,6 +71,9 @@ def _section_from_dataclass(name: str, cls: type, *, exclude: set[str] = frozens
 ModelSection = _section_from_dataclass(
     "ModelSection", ModelConfig, exclude={"moe"}, all_optional=True,
     extra={"preset": (str, "tiny-moe"),
+           # A local HF model dir (config.json + *.safetensors): replaces `preset`; the shapes
+           # come from its config.json and the initial weights from its tensors.
+           "init_from": (Optional[str], None),
            **{key: (Optional[int], None) for key in MOE_SIZE_KEYS}})
 
 MoESection = _section_from_dataclass(

@@ -17,7 +17,9 @@ import torch
 import torch.distributed as dist
 
 from engine.checkpoint import CheckpointManager
+from engine.checkpoint.manager import latest_checkpoint
 from engine.compose import build_trainer
+from engine.hf.reader import HFWeightSource
 from engine.config.job import JobSpec
 from engine.data import TokenDataset
 from engine.metrics import mfu, peak_flops_per_device, tflops_per_device
@@ -89,6 +91,11 @@ def max_over_ranks(values: list[int], device: torch.device) -> list[int]:
     tensor = torch.tensor(values, dtype=torch.int64, device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return [int(v) for v in tensor.tolist()]
+def pretrained_weights(spec: JobSpec):
+    """The HF source of `model.init_from`, unless a checkpoint will replace the weights anyway."""
+    if spec.init_from is None or (spec.resume and latest_checkpoint(spec.checkpoint_dir)):
+        return None
+    return HFWeightSource(spec.init_from)
 
 
 def run_worker(spec: JobSpec, reporter: Reporter) -> dict:
@@ -99,7 +106,8 @@ def run_worker(spec: JobSpec, reporter: Reporter) -> dict:
     # Every group of the mesh gets the job's timeout: a hung peer fails the collective.
     mesh = FoldedMesh(spec.parallel_config(world), timeout=timedelta(seconds=spec.collective_timeout_s))
     trainer = build_trainer(spec.model, spec.train, mesh, dispatcher=spec.dispatcher,
-                            attention_backend=spec.attention_backend, device=device)
+                            attention_backend=spec.attention_backend, device=device,
+                            weights=pretrained_weights(spec))
     model_built_at = time.time()
     dataset = TokenDataset(spec.data_dir, spec.train.seq_len)
     manager = CheckpointManager(spec.checkpoint_dir, spec.checkpoint_keep, rank, world,

@@ -35,6 +35,7 @@ class JobSpec:
     checkpoint_every_steps: int = 0
     checkpoint_keep: int = 2
     resume: bool = True
+    init_from: str | None = None      # HF model dir: initial weights when no checkpoint exists
     extra: dict[str, Any] = field(default_factory=dict)   # launcher-specific, JSON-safe
 
     def parallel_config(self, world_size: int) -> ParallelConfig:

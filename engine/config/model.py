@@ -14,6 +14,7 @@ class MoEConfig:
     ffn_hidden_size: int = 128           # per routed expert
     num_shared_experts: int = 0
     shared_ffn_hidden_size: int = 0      # per shared expert
+    shared_expert_gate: bool = False     # Qwen2-MoE: shared output scaled by sigmoid(g . x) per token
     score_func: str = "softmax"          # "softmax" | "sigmoid"
     pre_softmax: bool = False            # softmax over all experts before top-k (Mixtral: False)
     norm_topk_prob: bool = True          # renormalise the k selected probabilities
@@ -49,8 +50,11 @@ class ModelConfig:
     head_dim: int | None = None          # default hidden_size // num_heads
     ffn_hidden_size: int = 128           # dense FFN layers
     first_k_dense: int = 1               # the first k layers use a dense FFN
+    moe_layer_step: int = 1              # MoE only where (layer_id + 1) % step == 0 (HF decoder_sparse_step)
+    dense_layers: tuple[int, ...] = ()   # further dense-FFN layers at any position (HF mlp_only_layers)
     moe: MoEConfig = field(default_factory=MoEConfig)
     qkv_bias: bool = False
+    qk_norm: bool = False                # Qwen3: per-head RMSNorm of q and k before RoPE
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
@@ -70,17 +74,28 @@ class ModelConfig:
                 "set model.head_dim")
         if not 0 <= self.first_k_dense <= self.num_layers:
             raise ValueError(f"model.first_k_dense={self.first_k_dense}: must be in [0, num_layers]")
+        if self.moe_layer_step < 1:
+            raise ValueError(f"model.moe_layer_step={self.moe_layer_step}: must be >= 1")
+        object.__setattr__(self, "dense_layers", tuple(int(i) for i in self.dense_layers))
+        bad = [i for i in self.dense_layers if not 0 <= i < self.num_layers]
+        if bad:
+            raise ValueError(f"model.dense_layers={list(self.dense_layers)}: ids {bad} not in [0, num_layers)")
 
     @property
     def dim_head(self) -> int:
         return self.head_dim or self.hidden_size // self.num_heads
 
     def is_moe_layer(self, layer_id: int) -> bool:
-        return layer_id >= self.first_k_dense
+        return (layer_id >= self.first_k_dense and layer_id not in self.dense_layers
+                and (layer_id + 1) % self.moe_layer_step == 0)
 
     @property
     def num_moe_layers(self) -> int:
-        return self.num_layers - self.first_k_dense
+        return sum(self.is_moe_layer(i) for i in range(self.num_layers))
+
+    @property
+    def num_dense_layers(self) -> int:
+        return self.num_layers - self.num_moe_layers
 
 
 PRESETS: dict[str, ModelConfig] = {
@@ -106,7 +121,15 @@ PRESETS: dict[str, ModelConfig] = {
         ffn_hidden_size=18944, first_k_dense=0, qkv_bias=True, rope_theta=1e6, norm_eps=1e-6,
         max_seq_len=32768,
         moe=MoEConfig(num_experts=64, top_k=8, ffn_hidden_size=2560, num_shared_experts=1,
-                      shared_ffn_hidden_size=20480, pre_softmax=True, norm_topk_prob=False)),
+                      shared_ffn_hidden_size=20480, shared_expert_gate=True, pre_softmax=True,
+                      norm_topk_prob=False)),
+    # Qwen3-30B-A3B: 128 experts top-8 renormalised, per-head q/k RMSNorm, head_dim 128, no bias.
+    "qwen3-30b-a3b": ModelConfig(
+        vocab_size=151936, hidden_size=2048, num_layers=48, num_heads=32, num_kv_heads=4,
+        head_dim=128, ffn_hidden_size=6144, first_k_dense=0, qk_norm=True, rope_theta=1e6,
+        norm_eps=1e-6, max_seq_len=40960,
+        moe=MoEConfig(num_experts=128, top_k=8, ffn_hidden_size=768, pre_softmax=True,
+                      norm_topk_prob=True)),
     # DeepSeekMoE-16B style fine-grained experts: 64 routed top-6, 2 shared, first layer dense.
     "deepseek-moe-16b": ModelConfig(
         vocab_size=102400, hidden_size=2048, num_layers=28, num_heads=16, num_kv_heads=16,
@@ -120,7 +143,11 @@ def get_preset(name: str, **overrides) -> ModelConfig:
     """A preset with top-level or `moe_<field>` overrides (e.g. moe_num_experts=16)."""
     if name not in PRESETS:
         raise KeyError(f"model.preset={name!r}: unknown; known presets: {sorted(PRESETS)}")
-    base = PRESETS[name]
+    return with_overrides(PRESETS[name], **overrides)
+
+
+def with_overrides(base: ModelConfig, **overrides) -> ModelConfig:
+    """`base` with top-level or `moe_<field>` overrides."""
     moe_fields = {f.name for f in fields(MoEConfig)}
     moe_over = {k[4:]: v for k, v in overrides.items() if k.startswith("moe_") and k[4:] in moe_fields}
     top_over = {k: v for k, v in overrides.items() if not (k.startswith("moe_") and k[4:] in moe_fields)}

@@ -19,7 +19,7 @@ def ffn_flops_per_token(cfg: ModelConfig) -> int:
     """6h·g·(F·L_dense + F_e·k·L_moe + F_s·L_moe)."""
     moe = cfg.moe
     shared_hidden = moe.num_shared_experts * moe.shared_ffn_hidden_size
-    dense = cfg.ffn_hidden_size * cfg.first_k_dense
+    dense = cfg.ffn_hidden_size * cfg.num_dense_layers
     routed = moe.ffn_hidden_size * moe.top_k * cfg.num_moe_layers
     shared = shared_hidden * cfg.num_moe_layers
     return 6 * cfg.hidden_size * SWIGLU_GEMMS * (dense + routed + shared)

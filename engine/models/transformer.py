@@ -26,7 +26,8 @@ class TransformerBlock(nn.Module):
         self.recompute = "none"
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.attention = Attention(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.dim_head,
-                                   cfg.rope_theta, cfg.qkv_bias)
+                                   cfg.rope_theta, cfg.qkv_bias, qk_norm=cfg.qk_norm,
+                                   norm_eps=cfg.norm_eps)
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         if cfg.is_moe_layer(layer_id):
             self.ffn: nn.Module = MoELayer(cfg.hidden_size, cfg.moe)
@@ -119,10 +120,10 @@ def count_parameters(cfg: ModelConfig) -> dict[str, int]:
     moe = cfg.moe
     expert = 3 * h * moe.ffn_hidden_size
     shared = 3 * h * moe.shared_ffn_hidden_size * moe.num_shared_experts
-    router = h * moe.num_experts
-    norms = 2 * h
+    router = h * moe.num_experts + (h if moe.shared_expert_gate and moe.num_shared_experts else 0)
+    norms = 2 * h + (2 * d if cfg.qk_norm else 0)
     embed = cfg.vocab_size * h * (1 if cfg.tie_embeddings else 2)
-    n_dense, n_moe = cfg.first_k_dense, cfg.num_moe_layers
+    n_dense, n_moe = cfg.num_dense_layers, cfg.num_moe_layers
     common = embed + h + cfg.num_layers * (attn + norms) + n_dense * dense_ffn + n_moe * (router + shared)
     return {"total": common + n_moe * moe.num_experts * expert,
             "active": common + n_moe * moe.top_k * expert}

@@ -43,6 +43,10 @@ class MoELayer(nn.Module):
         self.shared_experts = None
         if cfg.num_shared_experts > 0:
             self.shared_experts = SwiGLU(hidden_size, cfg.num_shared_experts * cfg.shared_ffn_hidden_size)
+        # Qwen2-MoE: y = routed(x) + sigmoid(g . x) * shared(x), one scalar gate per token.
+        self.shared_expert_gate = None
+        if cfg.shared_expert_gate and self.shared_experts is not None:
+            self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False)
         self.dispatcher: nn.Module = LocalDispatcher()
         self.aux_loss_scale = 1.0      # the trainer sets 1 / num_microbatches
         self.stage_group = None        # mesh "stage" group: statistics of one micro-batch
@@ -64,7 +68,10 @@ class MoELayer(nn.Module):
             stage_group=self.stage_group, seq_group=self.seq_group)
         y_bsh = self.dispatcher(x_th, assign, self.experts).view(batch, seq, hidden).to(x_bsh.dtype)
         if self.shared_experts is not None:
-            y_bsh = y_bsh + self.shared_experts(x_bsh)
+            shared_bsh = self.shared_experts(x_bsh)
+            if self.shared_expert_gate is not None:
+                shared_bsh = torch.sigmoid(self.shared_expert_gate(x_bsh)) * shared_bsh
+            y_bsh = y_bsh + shared_bsh
         weighted, values = self._aux_losses(routing, batch, stats)
         if weighted is not None:
             y_bsh = attach_aux_loss(y_bsh, weighted)

@@ -8,6 +8,8 @@ loader (load_resharded) fills every local tensor from the saved shards that over
 bucketing may all differ between the save and the load."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from engine.checkpoint import CheckpointError, capture_rng_state, restore_rng_state
@@ -57,6 +59,7 @@ def checkpoint_state(trainer) -> dict:
             optim_scalars[name] = value
     tensors.update(capture_rng_state())
     meta = {"step": int(getattr(trainer, "completed_steps", 0)), "layout": layout_of(trainer),
+            "model": dataclasses.asdict(trainer.model_cfg),   # lets `foldmoe export` rebuild shapes
             "optim_scalars": optim_scalars, "rank": trainer.mesh.rank}
     return {"tensors": tensors, "shards": shards, "meta": meta}
 
