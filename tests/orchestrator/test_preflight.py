@@ -57,7 +57,9 @@ def test_busy_cluster_and_elastic_maximum_warn_but_start():
     busy = run_preflight(load_config(TINY), _cluster(cpus=8, free={"CPU": 1.0}))
     assert busy == ["CPU: 3 of the 4 needed are in use by other jobs on the Ray cluster at "
                     "127.0.0.1:6379; Ray Train waits until they are free"]
-    elastic = run_preflight(load_config(TINY, ["cluster.num_workers=[4, 8]"]), _cluster(cpus=6))
+    # a batch every world size from 4 to 8 admits (dp 2, 5, 3, 7, 4 after re-planning)
+    every_size = ["cluster.num_workers=[4, 8]", "train.micro_batch_size=1", "train.global_batch_size=840"]
+    elastic = run_preflight(load_config(TINY, every_size), _cluster(cpus=6))
     assert elastic == ["CPU: the Ray cluster at 127.0.0.1:6379 has 6, room for 6 of the 8 "
                        "elastic workers"]
 
