@@ -114,27 +114,38 @@ def latest_checkpoint_path(checkpoint_dir: str) -> str | None:
     return latest_checkpoint(checkpoint_dir)
 
 
-def check_resumable(run: RunConfig, checkpoint_dir: str) -> None:
-    """Refuses, before anything starts, to resume a checkpoint of another world size or layout."""
+def check_resumable(run: RunConfig, checkpoint_dir: str) -> str | None:
+    """Before anything starts: refuses a newest checkpoint of another model (one line), and
+    says when one of another world size or layout will be resharded on load."""
     if not os.path.isdir(checkpoint_dir):
-        return          # a first run: no checkpoint, and no torch import before the preflight
+        return None     # a first run: no checkpoint, and no torch import before the preflight
     from engine.checkpoint import describe_layout_diff, latest_checkpoint
-    from engine.checkpoint.manager import MANIFEST
+    from engine.checkpoint.files import read_json
+    from engine.checkpoint.manager import MANIFEST, rank_file_names
+    from engine.config.model import shape_differences
     from engine.train.state import layout_of_config
 
     latest = latest_checkpoint(checkpoint_dir)
-    if not run.schema.checkpoint.resume or run.elastic or latest is None:
-        return
-    with open(os.path.join(latest, MANIFEST), encoding="utf-8") as handle:
-        manifest = json.load(handle)
-    world = run.world_sizes[0]
-    current = layout_of_config(run.parallel(world))
-    if manifest.get("layout") != current:
+    if not run.schema.checkpoint.resume or latest is None:
+        return None
+    try:
+        manifest = read_json(os.path.join(latest, MANIFEST))
+        saved_model = read_json(os.path.join(latest, rank_file_names(0)[1]))["meta"].get("model") or {}
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"checkpoint.dir={checkpoint_dir}: {latest} is not a readable checkpoint "
+                          f"({type(err).__name__}: {err}); move it aside or set "
+                          "checkpoint.resume=false") from None
+    differences = shape_differences(saved_model, run.model)
+    if differences:
         raise ConfigError(
             f"checkpoint.dir={checkpoint_dir}: its latest checkpoint (step {manifest.get('step')}) "
-            f"has another layout ({describe_layout_diff(manifest.get('layout'), current)}); "
-            "resuming with a different world size or layout is not supported yet: use the "
-            "same layout, another checkpoint.dir, or checkpoint.resume=false")
+            f"holds another model ({differences}, saved vs this config); use the same model, "
+            "another checkpoint.dir, or checkpoint.resume=false")
+    current = layout_of_config(run.parallel(run.world_sizes[-1]))
+    if run.elastic or manifest.get("layout") == current:
+        return None
+    return (f"resharding the checkpoint of step {manifest.get('step')} on load: "
+            f"{describe_layout_diff(manifest.get('layout'), current)}")
 
 
 def completed_step(run: RunConfig, checkpoint_dir: str) -> tuple[str, int] | None:
@@ -212,7 +223,9 @@ def run_training(run: RunConfig, *, launcher: str = "ray", metrics_jsonl: str | 
     driver_start = driver_start or time.time()
     run = durable_paths(run)
     checkpoint_dir = os.path.abspath(run.checkpoint_dir)
-    check_resumable(run, checkpoint_dir)
+    reshard_note = check_resumable(run, checkpoint_dir)
+    if reshard_note:
+        print(reshard_note, flush=True)
     complete = completed_step(run, checkpoint_dir)
     if complete is not None:
         print(already_complete_message(*complete, run.train.steps), flush=True)

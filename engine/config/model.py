@@ -156,3 +156,30 @@ def with_overrides(base: ModelConfig, **overrides) -> ModelConfig:
         raise KeyError(f"unknown model override(s) {sorted(unknown)}")
     moe = replace(base.moe, **moe_over) if moe_over else base.moe
     return replace(base, moe=moe, **top_over)
+
+
+# The fields that decide which parameters exist and their shapes: a checkpoint loads into
+# a model only when these agree (the others, e.g. loss coefficients, may change on resume).
+SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                "ffn_hidden_size", "first_k_dense", "moe_layer_step", "dense_layers", "qkv_bias",
+                "qk_norm", "tie_embeddings")
+MOE_SHAPE_FIELDS = ("num_experts", "ffn_hidden_size", "num_shared_experts", "shared_ffn_hidden_size",
+                    "shared_expert_gate", "expert_bias")
+
+
+def shape_differences(saved: dict, current: ModelConfig) -> dict[str, tuple]:
+    """{key: (saved, current)} for the shape fields in which a saved ModelConfig (as a dict,
+    e.g. from checkpoint metadata) differs from `current`; keys absent from `saved` are skipped."""
+    out = {}
+    for key in SHAPE_FIELDS:
+        if key in saved and _plain(saved[key]) != _plain(getattr(current, key)):
+            out[key] = (saved[key], getattr(current, key))
+    saved_moe = saved.get("moe") or {}
+    for key in MOE_SHAPE_FIELDS:
+        if key in saved_moe and _plain(saved_moe[key]) != _plain(getattr(current.moe, key)):
+            out[f"moe.{key}"] = (saved_moe[key], getattr(current.moe, key))
+    return out
+
+
+def _plain(value):
+    return list(value) if isinstance(value, (list, tuple)) else value

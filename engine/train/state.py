@@ -15,6 +15,7 @@ import torch
 from engine.checkpoint import CheckpointError, capture_rng_state, restore_rng_state
 from engine.checkpoint.reshard import ReshardReader
 from engine.checkpoint.rng import CPU_KEY
+from engine.config.model import shape_differences
 from engine.optim.state import owned_views
 from engine.parallel.param_attrs import is_expert, reduce_axes, slices
 
@@ -91,6 +92,9 @@ def load_resharded(trainer, path: str) -> dict:
     step), RNG state and step. Returns {"step", "files_read", "saved_world_size"}."""
     reader = ReshardReader(path, trainer.mesh.rank)
     meta = reader.rank_meta[0]
+    differences = shape_differences(meta.get("model") or {}, trainer.model_cfg)
+    if differences:
+        raise CheckpointError(f"{path} holds another model: {differences} (saved, current)")
     if not any(key.startswith("optim/") for key in reader.shards):
         return _load_unsharded_format(trainer, reader)
     params = dict(trainer.named_params)

@@ -1,8 +1,9 @@
-"""Driver checks before anything starts: a checkpoint of another layout, a model
+"""Driver checks before anything starts: a checkpoint of another layout or model, a model
 vocabulary smaller than the tokenizer's, a run with nothing left to train, GPUs that are
 not there."""
 from __future__ import annotations
 
+import dataclasses
 import signal
 import time
 
@@ -17,36 +18,47 @@ from orchestrator.driver import _signal_of, check_resumable, completed_step, pre
 from .jobs import TINY
 
 
-def _save_checkpoint(root, layout: dict, step: int = 4) -> None:
+def _save_checkpoint(root, layout: dict, step: int = 4, model: dict | None = None) -> None:
     manager = CheckpointManager(str(root), keep=2, rank=0, world_size=1, barrier=lambda: None)
-    manager.save(step, {"tensors": {"model/w": torch.zeros(2)}, "shards": {},
-                        "meta": {"step": step, "layout": layout}})
+    meta = {"step": step, "layout": layout, **({"model": model} if model else {})}
+    manager.save(step, {"tensors": {"model/w": torch.zeros(2)}, "shards": {}, "meta": meta})
 
 
-def test_resuming_another_layout_is_refused_before_anything_starts(tmp_path, capsys):
+def test_another_layout_is_resharded_and_another_model_refused_before_anything_starts(tmp_path, capsys):
     saved = {"world_size": 2, "tp": 1, "cp": 1, "pp": 1, "ep": 2, "etp": 1, "vpp": 1}
-    _save_checkpoint(tmp_path / "ckpt", saved)
+    tiny = dataclasses.asdict(load_config(TINY).model)
+    _save_checkpoint(tmp_path / "ckpt", saved, model=tiny)
     run = load_config(TINY, [f"checkpoint.dir={tmp_path / 'ckpt'}"])
-    with pytest.raises(ConfigError) as info:
-        check_resumable(run, str(tmp_path / "ckpt"))
-    message = str(info.value)
-    assert "world_size: saved=2, this run=4" in message and "tp: saved=1, this run=2" in message
-    assert "not supported yet" in message
+    note = check_resumable(run, str(tmp_path / "ckpt"))
+    assert note.startswith("resharding the checkpoint of step 4 on load")
+    assert "world_size: saved=2, this run=4" in note and "tp: saved=1, this run=2" in note
+    _save_checkpoint(tmp_path / "other", saved, model=dict(tiny, hidden_size=32))
+    with pytest.raises(ConfigError, match=r"holds another model \(\{'hidden_size': \(32, 64\)"):
+        check_resumable(run, str(tmp_path / "other"))
     # Through the CLI: exit 2, one line, and no job directory was created.
-    rc = cli_main(["train", TINY, "--set", f"checkpoint.dir={tmp_path / 'ckpt'}",
+    rc = cli_main(["train", TINY, "--set", f"checkpoint.dir={tmp_path / 'other'}",
                    "--set", f"cluster.storage_path={tmp_path / 'runs'}"])
     assert rc == 2
     assert capsys.readouterr().err.startswith("config error: checkpoint.dir=")
     assert not (tmp_path / "runs").exists()
 
 
+def test_an_unreadable_manifest_is_one_line_naming_it(tmp_path):
+    _save_checkpoint(tmp_path / "ckpt", {"world_size": 4})
+    (manifest,) = (tmp_path / "ckpt").glob("step*/manifest.json")
+    manifest.write_text("{not json")
+    with pytest.raises(ConfigError) as info:
+        check_resumable(load_config(TINY), str(tmp_path / "ckpt"))
+    assert str(manifest.parent) in str(info.value) and "\n" not in str(info.value)
+
+
 def test_same_layout_or_resume_off_passes(tmp_path):
     same = {"world_size": 4, "tp": 2, "cp": 1, "pp": 1, "ep": 4, "etp": 1, "vpp": 1}
     _save_checkpoint(tmp_path / "ckpt", same)
-    check_resumable(load_config(TINY), str(tmp_path / "ckpt"))
+    assert check_resumable(load_config(TINY), str(tmp_path / "ckpt")) is None
     other = dict(same, ep=2)
     _save_checkpoint(tmp_path / "ckpt2", other)
-    check_resumable(load_config(TINY, ["checkpoint.resume=false"]), str(tmp_path / "ckpt2"))
+    assert check_resumable(load_config(TINY, ["checkpoint.resume=false"]), str(tmp_path / "ckpt2")) is None
 
 
 def test_model_vocabulary_must_cover_the_tokenizer(data_cache):
