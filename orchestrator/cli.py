@@ -33,7 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--launcher", choices=("ray", "torchrun"), default="ray")
     validate = sub.add_parser("validate", parents=[common],
                               help="check a config and print it with the folded layout")
-    validate.add_argument("--json", action="store_true", help="one JSON object: config, groups")
+    validate.add_argument("--json", action="store_true",
+                          help="one JSON object: config, groups, memory")
     return parser
 
 
@@ -42,24 +43,34 @@ def _layout_world(run: RunConfig) -> int:
 
 
 def validate_command(run: RunConfig, as_json: bool) -> int:
+    """Layout table, memory table per rank role, resolved YAML; refuses (ConfigError)
+    after printing them when the predicted memory does not fit the device."""
+    from .memory_report import check_fits, memory_json, memory_text
     from .observer import layout_text
 
     world = _layout_world(run)
     groups = run.layout_table(world)
     if as_json:
-        print(json.dumps({"config": run.resolved(), "world_size": world, "groups": groups}))
+        print(json.dumps({"config": run.resolved(), "world_size": world, "groups": groups,
+                          "memory": memory_json(run, world)}))
+        check_fits(run)
         return 0
-    print(yaml.safe_dump(run.resolved(), sort_keys=False), end="")
     p = run.parallel(world)
     layout = {"tp": p.tp, "cp": p.cp, "pp": p.pp, "ep": p.ep, "etp": p.etp}
-    print("\nfolded layout, " + layout_text(world, layout, groups), end="")
+    print("folded layout, " + layout_text(world, layout, groups), end="")
     if run.elastic:
-        print(f"(elastic: layout also checked for world size {run.world_sizes[0]})")
+        print(f"(elastic: layout and memory also checked for world size {run.world_sizes[0]})")
+    print("\n" + memory_text(run, world), end="")
+    print("\nresolved config:\n" + yaml.safe_dump(run.resolved(), sort_keys=False), end="", flush=True)
+    check_fits(run)
     return 0
 
 
 def train_command(run: RunConfig, args: argparse.Namespace, driver_start: float) -> int:
     from .driver import run_training
+    from .memory_report import check_fits
+
+    check_fits(run)   # before any data, tracking or worker starts
 
     result = run_training(run, launcher=args.launcher, metrics_jsonl=args.metrics_jsonl,
                           driver_start=driver_start)

@@ -15,6 +15,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
 
 from engine.models.config import ModelConfig, MoEConfig
 from engine.parallel.config import ParallelConfig
+from engine.planner.devices import GPU_KINDS
 from engine.train.config import TrainConfig
 
 
@@ -96,6 +97,8 @@ class ClusterSection(BaseModel):
     max_failures: int = Field(3, ge=0)        # worker-group restarts before the job fails
     storage_path: str = "runs"                # per-job event log, worker PIDs, Ray Train state
     collective_timeout_s: int = Field(600, ge=10)  # a hung collective fails the step after this
+    gpu: Literal[GPU_KINDS] = "h100"          # datasheet row (engine/planner/devices.py)
+    device_memory_gb: Optional[Float] = Field(None, gt=0)  # overrides the datasheet (10^9 bytes)
 
     @field_validator("num_workers", mode="before")
     @classmethod

@@ -134,6 +134,14 @@ def rematerialised_bytes(cfg: ModelConfig, layer_id: int, mb: MicroBatchShape, r
     return 0
 
 
+def dispatcher_buffer_bytes(cfg: ModelConfig, mb: MicroBatchShape, rows: DispatchRows, etp: int) -> int:
+    """Transient rows of one MoE layer's token exchange (engine/moe/comm.py), alive while the
+    layer runs forward or backward: the permuted send rows and the received rows; with ETP
+    also the all-gather's repeated send copy and the reduce-scatter's received partials."""
+    exchanged = rows.assigned + rows.at_experts * (2 if etp > 1 else 1) + rows.gathered
+    return mb.act_bytes * cfg.hidden_size * exchanged
+
+
 def embedding_bytes(mb: MicroBatchShape) -> int:
     """First chunk: token ids and the vocab-parallel lookup's mask (int64 + bool)."""
     return (INDEX_BYTES + 1) * mb.tokens

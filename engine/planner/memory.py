@@ -10,13 +10,13 @@ Per PP rank (all ranks of one stage hold the same shapes):
   of the dense and 1/edp of the expert parameters with it (Rajbhandari et al. 1910.02054);
 - activations: what each chunk keeps for backward (engine/planner/activations.py) times
   the micro-batches the pipeline schedule holds in flight on this rank, plus working
-  memory: one layer re-materialised under full / remat-aware recompute, or the head's
+  memory: one layer re-materialised under full / remat-aware recompute (with the token
+  exchange buffers of a MoE layer; without recompute those buffers alone), or the head's
   logits and the two fp32 gradients of the loss backward on the last stage (whichever is
   larger: the loss backward ends before the first layer is re-run). The optimizer
-  step runs after the activations are freed; its working memory is the fp64 copy that the
-  grad-norm takes of one bucket's owned gradient (engine/optim/clip.py), at most one
-  bucket (about 25 MiB of fp32 gradient, or the largest parameter) at a time. The
-  activation term is the larger of the two peaks.
+  step runs after the activations are freed; its working memory (`optimizer_step_bytes`)
+  is the grad-norm's fp64 copy of one bucket and AdamW's temporaries. The activation
+  term is the larger of the two peaks.
 The dispatcher's rows (inside activations) use the expected routing (balanced: every rank
 receives the rows it sends); the worst case sends every token of the dispatch group to
 this rank's experts (dropless) or fills every local expert to capacity (capacity factor).
@@ -30,8 +30,8 @@ from engine.models.config import ModelConfig
 from engine.parallel.config import ParallelConfig
 from engine.train.config import TrainConfig
 
-from .activations import (DispatchRows, MicroBatchShape, embedding_bytes, head_bytes, layer_bytes,
-                          rematerialised_bytes, routed_bytes)
+from .activations import (DispatchRows, MicroBatchShape, dispatcher_buffer_bytes, embedding_bytes,
+                          head_bytes, layer_bytes, rematerialised_bytes, routed_bytes)
 from .schedule_memory import in_flight_per_chunk, schedule_name
 from .shards import ParamCount, chunk_layers, largest_params, stage_params
 
@@ -128,7 +128,9 @@ def _chunk_bytes(cfg, p, mb, layers, chunk, num_chunks, rows, recompute) -> int:
 def _working_bytes(cfg, p, mb, chunks, pp_rank, rows, recompute) -> int:
     """Memory beyond the saved activations at the rank's peak (module docstring)."""
     own = [i for v in range(p.vpp) for i in chunks[v * p.pp + pp_rank]]
-    rematerialised = max(rematerialised_bytes(cfg, i, mb, rows, p.etp, recompute) for i in own)
+    exchange = dispatcher_buffer_bytes(cfg, mb, rows, p.etp)
+    rematerialised = max(rematerialised_bytes(cfg, i, mb, rows, p.etp, recompute)
+                         + (exchange if cfg.is_moe_layer(i) else 0) for i in own)
     logits = 0
     if pp_rank == p.pp - 1:
         # logits (model dtype) + fp32 grads of the log-probabilities and of the logits
@@ -138,14 +140,19 @@ def _working_bytes(cfg, p, mb, chunks, pp_rank, rows, recompute) -> int:
 
 
 def optimizer_step_bytes(count: ParamCount, largest: ParamCount, p: ParallelConfig,
-                         zero1: bool) -> int:
-    """fp64 copy of the largest bucket's owned gradient, taken by the grad-norm."""
+                         zero1: bool, foreach: bool) -> int:
+    """Working memory of the optimizer step: the grad-norm's fp64 copy of one bucket's owned
+    gradient (engine/optim/clip.py), then AdamW's temporaries. torch's AdamW runs the
+    foreach kernels on CUDA: sqrt(exp_avg_sq) of every owned element at once (fp32); on
+    CPU the per-tensor loop: sqrt and its quotient for one range while the previous
+    range's denominator is still bound, about 3 fp32 copies of the largest range."""
     shards = (p.dp * p.cp, p.edp) if zero1 else (1, 1)
-    owned = 0
+    bucket, owned_total = 0, 0
     for total, biggest, shard in zip((count.dense, count.expert), (largest.dense, largest.expert), shards):
-        bucket = min(total, max(BUCKET_BYTES // FP32, biggest))
-        owned = max(owned, math.ceil(bucket / shard))
-    return FP64 * owned
+        bucket = max(bucket, math.ceil(min(total, max(BUCKET_BYTES // FP32, biggest)) / shard))
+        owned_total += math.ceil(total / shard)
+    adam = FP32 * owned_total if foreach else 3 * FP32 * bucket
+    return max(FP64 * bucket, adam)
 
 
 def _activations(cfg, p, train, chunks, pp_rank, rows) -> tuple[int, int, dict]:
@@ -162,6 +169,8 @@ def _activations(cfg, p, train, chunks, pp_rank, rows) -> tuple[int, int, dict]:
             moe_layers = sum(cfg.is_moe_layer(i) for i in chunks[chunk])
             dispatcher += count * moe_layers * routed_bytes(cfg, mb, rows, p.etp)
     working = _working_bytes(cfg, p, mb, chunks, pp_rank, rows, train.recompute)
+    if any(cfg.is_moe_layer(i) for v in range(p.vpp) for i in chunks[v * p.pp + pp_rank]):
+        dispatcher += dispatcher_buffer_bytes(cfg, mb, rows, p.etp)
     return saved + working, dispatcher, {"saved": saved, "working": working}
 
 
@@ -176,8 +185,10 @@ def _state_bytes(count: ParamCount, p: ParallelConfig, train: TrainConfig) -> tu
     return param_bytes * count.total, FP32 * count.total, int(per_owned * owned)
 
 
-def estimate_memory(cfg: ModelConfig, p: ParallelConfig, train: TrainConfig) -> MemoryEstimate:
-    """Predicted memory of every PP rank of layout `p` (see the module docstring)."""
+def estimate_memory(cfg: ModelConfig, p: ParallelConfig, train: TrainConfig, *,
+                    device: str = "cuda") -> MemoryEstimate:
+    """Predicted memory of every PP rank of layout `p` on `device` ("cuda" or "cpu": which
+    AdamW implementation torch picks), see the module docstring."""
     chunks = chunk_layers(cfg, p, train.seq_len)
     mb = _microbatch(p, train)
     expected = dispatch_rows(cfg, p, mb.sp_tokens, worst=False)
@@ -186,7 +197,8 @@ def estimate_memory(cfg: ModelConfig, p: ParallelConfig, train: TrainConfig) -> 
     for pp_rank in range(p.pp):
         count = stage_params(cfg, p, chunks, pp_rank)
         params, grads, optimizer = _state_bytes(count, p, train)
-        step = optimizer_step_bytes(count, largest_params(cfg, p, chunks, pp_rank), p, train.zero1)
+        step = optimizer_step_bytes(count, largest_params(cfg, p, chunks, pp_rank), p, train.zero1,
+                                    foreach=device == "cuda")
         forward_backward, dispatcher, parts = _activations(cfg, p, train, chunks, pp_rank, expected)
         worst_case, _, _ = _activations(cfg, p, train, chunks, pp_rank, worst)
         ranks.append(RoleMemory(role_name(pp_rank, p.pp), pp_rank, params, grads, optimizer,
