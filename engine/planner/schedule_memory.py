@@ -10,20 +10,23 @@ of (forwards done - backwards done) in their action lists (checked in the tests)
 """
 from __future__ import annotations
 
+from functools import lru_cache
+
 from engine.pipeline.schedules import interleaved_warmup
 
 
-def in_flight_per_chunk(schedule: str, pp: int, vpp: int, m: int, rank: int) -> list[int]:
+@lru_cache(maxsize=65536)
+def in_flight_per_chunk(schedule: str, pp: int, vpp: int, m: int, rank: int) -> tuple[int, ...]:
     """Micro-batches held at the peak for each of the rank's vpp chunks (virtual-stage order)."""
     if pp == 1:
-        return [1] * vpp          # one micro-batch at a time: backward right after forward
+        return (1,) * vpp         # one micro-batch at a time: backward right after forward
     if schedule == "gpipe":
-        return [m] * vpp
+        return (m,) * vpp
     if vpp == 1:
-        return [min(pp - rank, m)]
+        return (min(pp - rank, m),)
     held = min(interleaved_warmup(pp, vpp, m, rank) + 1, m * vpp)
     full_rounds, rest = divmod(held, pp * vpp)
-    return [full_rounds * pp + min(max(rest - v * pp, 0), pp) for v in range(vpp)]
+    return tuple(full_rounds * pp + min(max(rest - v * pp, 0), pp) for v in range(vpp))
 
 
 def schedule_name(requested: str, vpp: int) -> str:

@@ -105,7 +105,7 @@ def test_in_flight_matches_the_engine_schedules():
             for rank in range(pp):
                 got = in_flight_per_chunk(schedule, pp, vpp, m, rank)
                 composition = _peak_composition(programs[rank], pp * vpp)
-                assert got == [composition[v * pp + rank] for v in range(vpp)], (schedule, pp, vpp, m, rank)
+                assert list(got) == [composition[v * pp + rank] for v in range(vpp)], (schedule, pp, vpp, m, rank)
 
 
 def test_layer_bytes_hand_counted():
