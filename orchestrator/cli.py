@@ -2,6 +2,8 @@
 
     foldmoe train CONFIG.yaml [--set key=value ...] [--metrics-jsonl PATH] [--launcher ray|torchrun]
     foldmoe validate CONFIG.yaml [--set key=value ...] [--json]
+    foldmoe plan CONFIG.yaml --gpus N [--gpu h100|h200|a100|b200|cpu] [--gpus-per-node 8]
+                 [--top K] [--only tp=2,ep=8,...] [--calibrate] [--set ...] [--json]
 
 Exit codes: 0 success, 1 training failure, 2 config error (one line on stderr, nothing
 started or written), 128+N when stopped by signal N.
@@ -35,6 +37,22 @@ def _parser() -> argparse.ArgumentParser:
                               help="check a config and print it with the folded layout")
     validate.add_argument("--json", action="store_true",
                           help="one JSON object: config, groups, memory")
+    plan = sub.add_parser("plan", parents=[common],
+                          help="rank every folded layout of N GPUs by predicted step time")
+    plan.add_argument("--gpus", type=int, required=True, help="world size to plan for")
+    plan.add_argument("--gpu", choices=("h100", "h200", "a100", "b200", "cpu"), default=None,
+                      help="device row of the cost and memory model (default: cluster.gpu, "
+                           "or cpu when cluster.use_gpu is false)")
+    plan.add_argument("--gpus-per-node", type=int, default=None,
+                      help="GPUs per node (default 8; all of them for cpu)")
+    plan.add_argument("--top", type=int, default=10, help="rows to print; 0 = every feasible layout")
+    plan.add_argument("--only", default=None, metavar="KEY=V,...",
+                      help="keep layouts with these values (tp cp pp vpp ep etp dp edp "
+                           "micro_batch_size recompute)")
+    plan.add_argument("--calibrate", action="store_true",
+                      help="measure this machine's GEMM rate and collective bandwidth first "
+                           "(gloo on CPU, NCCL on GPU) and use them instead of the table")
+    plan.add_argument("--json", action="store_true", help="one JSON object: searched, seconds, layouts")
     return parser
 
 
@@ -57,12 +75,46 @@ def validate_command(run: RunConfig, as_json: bool) -> int:
         return 0
     p = run.parallel(world)
     layout = {"tp": p.tp, "cp": p.cp, "pp": p.pp, "ep": p.ep, "etp": p.etp}
+    if run.schema.parallel.auto:
+        from .plan import auto_layout
+        row = auto_layout(run, world)[1]
+        print(f"parallel.auto: the planner's first row for {world} workers (vpp={p.vpp}): predicted "
+              f"{row.step_time_s:.4g} s/step, MFU {row.mfu:.1%} (foldmoe plan --gpus {world})")
     print("folded layout, " + layout_text(world, layout, groups), end="")
     if run.elastic:
         print(f"(elastic: layout and memory also checked for world size {run.world_sizes[0]})")
     print("\n" + memory_text(run, world), end="")
     print("\nresolved config:\n" + yaml.safe_dump(run.resolved(), sort_keys=False), end="", flush=True)
     check_fits(run)
+    return 0
+
+
+def plan_command(run: RunConfig, args: argparse.Namespace) -> int:
+    from .plan import auto_gpu, parse_only, plan, plan_json, plan_text
+
+    if args.gpus < 1 or args.top < 0 or (args.gpus_per_node is not None and args.gpus_per_node < 1):
+        raise ConfigError(f"--gpus={args.gpus} --top={args.top} --gpus-per-node={args.gpus_per_node}: "
+                          "need gpus >= 1, top >= 0, gpus-per-node >= 1")
+    gpu = args.gpu or auto_gpu(run)
+    per_node = args.gpus_per_node or (args.gpus if gpu == "cpu" else 8)
+    calibrated = None
+    if args.calibrate:
+        from engine.planner.calibrate import calibrate
+        calibrated = calibrate(device="cpu" if gpu == "cpu" else "cuda", progress=not args.json)
+    result = plan(run, args.gpus, gpu=gpu, gpus_per_node=per_node, only=parse_only(args.only),
+                  calibrated=calibrated)
+    if args.json:
+        print(plan_json(result, args.top))
+    else:
+        if run.schema.parallel.auto:
+            print(f"parallel.auto: micro-batch size {run.train.micro_batch_size} and recompute "
+                  f"{run.train.recompute} are the config's; the planner picks the degrees")
+        print(plan_text(result, args.gpus, gpu if calibrated is None else f"{gpu} (calibrated)",
+                        args.top), end="")
+    if not result.rows:
+        raise ConfigError(f"plan: no folded layout of {args.gpus} GPUs fits "
+                          f"(searched {result.searched}); add GPUs, lower train.micro_batch_size "
+                          "or raise cluster.device_memory_gb")
     return 0
 
 
@@ -89,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         run = load_config(args.config, args.overrides)
         if args.command == "validate":
             return validate_command(run, args.json)
+        if args.command == "plan":
+            return plan_command(run, args)
         return train_command(run, args, driver_start)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)

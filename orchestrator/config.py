@@ -108,8 +108,13 @@ class RunConfig:
         return self.schema.tracking.run_name or self.name
 
     def parallel(self, world_size: int) -> ParallelConfig:
+        """The layout for `world_size` workers: the configured degrees, or with
+        `parallel.auto` the planner's first row for that world size (orchestrator/plan.py)."""
         p = self.schema.parallel
-        return ParallelConfig(world_size=world_size, **p.model_dump())
+        if p.auto:
+            from .plan import auto_layout
+            return auto_layout(self, world_size)[0]
+        return ParallelConfig(world_size=world_size, **p.model_dump(exclude={"auto"}))
 
     def layout_table(self, world_size: int) -> dict[str, list[list[int]]]:
         return RankLayout(self.parallel(world_size)).table()
@@ -176,9 +181,11 @@ def _check_world_divisible(s: RunSchema, world: int) -> None:
 
 
 def _check_layout(s: RunSchema, model: ModelConfig, train: TrainConfig, world: int) -> None:
+    if s.parallel.auto:
+        return    # the planner only yields valid layouts; build_run_config asks it for one
     _check_world_divisible(s, world)
     try:
-        parallel = ParallelConfig(world_size=world, **s.parallel.model_dump())
+        parallel = ParallelConfig(world_size=world, **s.parallel.model_dump(exclude={"auto"}))
     except LayoutError as err:
         raise ConfigError(str(err)) from None
     try:
@@ -211,7 +218,11 @@ def build_run_config(data: dict, default_name: str = "run") -> RunConfig:
     sizes = _world_sizes(s)
     for world in sizes:
         _check_layout(s, model, train, world)
-    return RunConfig(schema=s, name=s.name or default_name, model=model, train=train, world_sizes=sizes)
+    run = RunConfig(schema=s, name=s.name or default_name, model=model, train=train, world_sizes=sizes)
+    if s.parallel.auto:
+        for world in sizes:
+            run.parallel(world)   # ConfigError when no layout of that size fits
+    return run
 
 
 def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> RunConfig:

@@ -134,6 +134,14 @@ def _open_tracker(run: RunConfig, launcher: str, job_dir: str) -> Tracker | None
     return tracker
 
 
+def _auto_choice(run: RunConfig):
+    """parallel.auto: world size -> the planner's row (orchestrator/plan.py), else None."""
+    if not run.schema.parallel.auto:
+        return None
+    from .plan import auto_layout
+    return lambda world: auto_layout(run, world)[1]
+
+
 def _make_launcher(kind: str, run: RunConfig, spec: dict, job_dir: str):
     spec_path = os.path.join(job_dir, "spec.json")
     with open(spec_path, "w", encoding="utf-8") as handle:
@@ -166,7 +174,7 @@ def run_training(run: RunConfig, *, launcher: str = "ray", metrics_jsonl: str | 
                        tracking_uri=tracker.uri if tracker else None)
     observer = JobObserver(total_steps=run.train.steps, tracker=tracker, progress=progress,
                            metrics_jsonl=metrics_jsonl, driver_start=driver_start,
-                           layout_groups=run.layout_table)
+                           layout_groups=run.layout_table, auto_choice=_auto_choice(run))
     worker_group = _make_launcher(launcher, run, spec, job_dir)
     stop = StopSignal()
     stop.install()

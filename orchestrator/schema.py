@@ -76,7 +76,9 @@ MoESection = _section_from_dataclass(
     "MoESection", MoEConfig,
     extra={"dispatcher": (Literal["alltoall", "allgather"], "alltoall")})
 
-ParallelSection = _section_from_dataclass("ParallelSection", ParallelConfig, exclude={"world_size"})
+# auto: the planner picks tp/cp/pp/vpp/ep/etp for the world size the job gets (orchestrator/plan.py)
+ParallelSection = _section_from_dataclass("ParallelSection", ParallelConfig, exclude={"world_size"},
+                                          extra={"auto": (bool, False)})
 
 TrainSection = _section_from_dataclass("TrainSection", TrainConfig)
 

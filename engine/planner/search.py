@@ -62,7 +62,8 @@ class PlanRow:
 @dataclass(frozen=True)
 class PlanResult:
     searched: int          # candidates evaluated (layout x micro-batch x recompute)
-    seconds: float
+    seconds: float         # wall clock of the search
+    cpu_seconds: float     # CPU time of the search (one core; what a loaded machine cannot inflate)
     rows: list[PlanRow]    # feasible, fastest first
 
 
@@ -85,11 +86,10 @@ def _tp_ok(cfg: ModelConfig, tp: int) -> bool:
 
 
 def candidate_layouts(cfg: ModelConfig, train: TrainConfig, world: int, space: SearchSpace,
-                      base: ParallelConfig | None = None):
-    """Yields every valid ParallelConfig of `world` ranks (degrees only; CP mode and SP from
-    `base`)."""
-    base_kwargs = {} if base is None else {"sequence_parallel": base.sequence_parallel,
-                                           "cp_mode": base.cp_mode, "cp_a2a_size": base.cp_a2a_size}
+                      options: dict | None = None):
+    """Yields every valid ParallelConfig of `world` ranks; `options`: the non-degree fields
+    (sequence_parallel, cp_mode, cp_a2a_size) every candidate keeps."""
+    base_kwargs = dict(options or {})
     moe = cfg.moe
     tps = [t for t in _powers_of_two(space.max_tp) if world % t == 0 and _tp_ok(cfg, t)]
     for tp in tps:
@@ -164,12 +164,12 @@ def _fits_microbatches(train: TrainConfig, mbs: int, p: ParallelConfig) -> bool:
 
 def search_layouts(cfg: ModelConfig, train: TrainConfig, world: int, machine: Machine, *,
                    memory_limit: float | None, dispatcher: str = "alltoall",
-                   space: SearchSpace = SearchSpace(), base: ParallelConfig | None = None,
+                   space: SearchSpace = SearchSpace(), options: dict | None = None,
                    memory_device: str = "cuda") -> PlanResult:
     """Every feasible layout for `world` GPUs, fastest first (module docstring)."""
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     caches, rows, searched = _Caches(cfg, train), [], 0
-    for p in candidate_layouts(cfg, train, world, space, base):
+    for p in candidate_layouts(cfg, train, world, space, options):
         if not _matches({"tp": p.tp, "cp": p.cp, "pp": p.pp, "vpp": p.vpp, "ep": p.ep, "etp": p.etp,
                          "dp": p.dp, "edp": p.edp}, space.only):
             continue
@@ -199,4 +199,4 @@ def search_layouts(cfg: ModelConfig, train: TrainConfig, world: int, machine: Ma
             if not fitted:
                 break                     # a larger micro-batch needs more memory still
     rows.sort(key=lambda r: (r.step_time_s, r.memory_bytes))
-    return PlanResult(searched, time.perf_counter() - start, rows)
+    return PlanResult(searched, time.perf_counter() - start, time.process_time() - cpu_start, rows)
