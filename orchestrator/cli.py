@@ -100,7 +100,10 @@ def plan_command(run: RunConfig, args: argparse.Namespace) -> int:
     calibrated = None
     if args.calibrate:
         from engine.planner.calibrate import calibrate
-        calibrated = calibrate(device="cpu" if gpu == "cpu" else "cuda", progress=not args.json)
+        try:
+            calibrated = calibrate(device="cpu" if gpu == "cpu" else "cuda", progress=not args.json)
+        except NotImplementedError as err:
+            raise ConfigError(f"--calibrate --gpu {gpu}: {err}") from None
     result = plan(run, args.gpus, gpu=gpu, gpus_per_node=per_node, only=parse_only(args.only),
                   calibrated=calibrated)
     if args.json:
