@@ -101,7 +101,8 @@ def plan_command(run: RunConfig, args: argparse.Namespace) -> int:
     if args.calibrate:
         from engine.planner.calibrate import calibrate
         try:
-            calibrated = calibrate(device="cpu" if gpu == "cpu" else "cuda", progress=not args.json)
+            calibrated = calibrate(device="cpu" if gpu == "cpu" else "cuda", progress=not args.json,
+                                   model=run.model, train=run.train)
         except NotImplementedError as err:
             raise ConfigError(f"--calibrate --gpu {gpu}: {err}") from None
     result = plan(run, args.gpus, gpu=gpu, gpus_per_node=per_node, only=parse_only(args.only),

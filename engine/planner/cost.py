@@ -51,6 +51,17 @@ class CostConstants:
     a2a_peer_latency_s: float = 4e-6
     op_overhead_s: float = 2e-6
     elementwise_passes: float = 4.0
+    # HBM passes over the local expert stack per expert backward beyond its GEMMs: indexing
+    # w[e] in engine/moe/experts.py writes and adds a zero gradient of the whole stack. The
+    # datasheet rows assume grouped-GEMM experts without indexing (issue 11): 0; calibration
+    # measures the engine as it is.
+    expert_index_grad_passes: float = 0.0
+    # Seconds per owned element of the optimizer step (AdamW + grad-norm); None: stream
+    # ADAM_BYTES_PER_ELEM at HBM speed (CUDA's foreach kernels); calibration measures it.
+    optimizer_s_per_elem: float | None = None
+    # Measured / modelled time of the engine's own layers on this machine (calibration only:
+    # allocation, page faults and autograd bookkeeping that the rates above do not see).
+    compute_scale: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -120,15 +131,20 @@ def _layer(cfg: ModelConfig, is_moe: bool, p: ParallelConfig, train: TrainConfig
                + local * _swiglu(per_expert, h, moe.ffn_hidden_size // p.etp, e, mach)
                + (_swiglu(t, h, shared_f, e, mach) if shared_f else 0.0))
         ops = OPS["moe_layer"] + OPS["per_expert"] * local + (OPS["shared"] if shared_f else 0)
+        # engine/moe/experts.py indexes w[e] per expert: each index's backward writes a zero
+        # gradient of the whole local [E_l, h, F] stack and adds it (3 stacks per layer).
+        stack = local * h * (moe.ffn_hidden_size // p.etp) * e
+        index_grads = c.expert_index_grad_passes * 3 * local * stack / mach.memory_rate
     else:
         ffn = _swiglu(t, h, cfg.ffn_hidden_size // p.tp, e, mach)
-        ops = OPS["dense_layer"]
+        ops, index_grads = OPS["dense_layer"], 0.0
     saved = layer_bytes(cfg, cfg.first_k_dense if is_moe else 0, mb, rows, p.etp, "none")
     elementwise = c.elementwise_passes * saved / mach.memory_rate / 3   # forward share
     forward = proj + core + ffn + elementwise
     redo = {"none": 0.0, "selective": core, "full": forward, "remat_aware": forward - core}[train.recompute]
     redo_share = redo / forward
-    compute = 3 * forward + redo + ops * c.op_overhead_s * (1 + redo_share / 3)
+    compute = c.compute_scale * (3 * forward + redo + ops * c.op_overhead_s * (1 + redo_share / 3)
+                                 + index_grads)
 
     link, lat = mach.link, c.collective_latency_s
     tp_collectives = 2 + (2 if (not is_moe or shared_f) else 0)      # forward
@@ -171,7 +187,7 @@ def _ends(cfg: ModelConfig, p: ParallelConfig, train: TrainConfig, mach: Machine
     if last:
         loss = mach.constants.elementwise_passes * (e + 8) * t * vocab / mach.memory_rate
         compute += 3 * _gemm(t, cfg.hidden_size, vocab, e, mach) + loss
-    return {"compute": compute, "tp": 2 * tp_each, "cp": 0.0, "ep": 0.0}
+    return {"compute": mach.constants.compute_scale * compute, "tp": 2 * tp_each, "cp": 0.0, "ep": 0.0}
 
 
 def _p2p(p: ParallelConfig, train: TrainConfig, cfg: ModelConfig, mach: Machine) -> float:
@@ -243,7 +259,9 @@ def _dp_and_optimizer(cfg, p, train, mach, stage_compute: float, ranks: list[Ran
         if train.overlap_grad_reduce:
             reduce = max(0.0, reduce - 2 / 3 * stage_compute)   # hidden by the last backward
         worst_dp = max(worst_dp, reduce + gather)
-        update = (ADAM_BYTES_PER_ELEM * owned + 4 * count.total) / mach.memory_rate
+        per_elem = mach.constants.optimizer_s_per_elem
+        update = (owned * per_elem if per_elem is not None
+                  else (ADAM_BYTES_PER_ELEM * owned + 4 * count.total) / mach.memory_rate)
         worst_opt = max(worst_opt, update)
     return worst_dp, worst_opt
 
