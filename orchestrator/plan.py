@@ -9,7 +9,6 @@ the config's micro-batch size and recompute mode, which auto does not change).
 from __future__ import annotations
 
 import json
-import os
 
 from engine.parallel.config import ParallelConfig
 from engine.planner.cost import CostConstants, Machine
@@ -34,17 +33,14 @@ def parse_only(text: str | None) -> dict:
     return out
 
 
-def host_memory_bytes() -> int:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def memory_limit(run: RunConfig, gpu: str, gpus: int) -> float:
-    """Bytes per GPU: cluster.device_memory_gb, else the datasheet; CPU ranks share the host."""
+def memory_limit(run: RunConfig, gpu: str) -> float | None:
+    """Bytes per GPU: cluster.device_memory_gb, else the datasheet. CPU workers are not
+    limited unless cluster.device_memory_gb is set, as in `foldmoe validate` (they share
+    the host in proportions the config cannot know); this also keeps `parallel.auto`'s
+    choice the same on every machine that computes it (driver and workers)."""
     if run.schema.cluster.device_memory_gb is not None:
         return run.schema.cluster.device_memory_gb * GB
-    if gpu == "cpu":
-        return host_memory_bytes() / gpus
-    return DEVICES[gpu].memory_bytes
+    return None if gpu == "cpu" else DEVICES[gpu].memory_bytes
 
 
 def machine_for(gpu: str, gpus_per_node: int, calibrated: dict | None = None) -> Machine:
@@ -68,7 +64,7 @@ def plan(run: RunConfig, gpus: int, *, gpu: str, gpus_per_node: int = DEFAULT_GP
     p = run.schema.parallel
     options = {"sequence_parallel": p.sequence_parallel, "cp_mode": p.cp_mode, "cp_a2a_size": p.cp_a2a_size}
     return search_layouts(run.model, run.train, gpus, machine_for(gpu, gpus_per_node, calibrated),
-                          memory_limit=memory_limit(run, gpu, gpus), dispatcher=run.schema.moe.dispatcher,
+                          memory_limit=memory_limit(run, gpu), dispatcher=run.schema.moe.dispatcher,
                           space=search_space(run, only or {}), options=options,
                           memory_device="cpu" if gpu == "cpu" else "cuda")
 
