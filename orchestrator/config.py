@@ -25,16 +25,10 @@ from engine.parallel.config import LayoutError, ParallelConfig
 from engine.parallel.ranks import RankLayout
 from engine.config.train import TrainConfig, pipeline_schedule_for
 
+from .errors import ConfigError
 from .schema import MOE_SIZE_KEYS, RunSchema
 
 
-EXIT_CONFIG = 2   # the exit code of a refused config, before anything starts
-
-
-class ConfigError(ValueError):
-    """A bad config; str(err) is one line naming the key and value."""
-
-    kind = "config error"       # how the CLI labels the line
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -123,23 +117,32 @@ class RunConfig:
         return self.schema.tracking.run_name or self.name
 
     def parallel(self, world_size: int) -> ParallelConfig:
-        """The configured layout; for an elastic run, the one its workers use at
-        `world_size` (re-planned where the configured one does not fit, as JobSpec does)."""
-        p = self.schema.parallel.model_dump()
+        """The layout for `world_size` workers: with `parallel.auto` the planner's first row
+        (orchestrator/planning.py); for an elastic run the one its workers use at that size
+        (re-planned where the configured one does not fit, as JobSpec does); else the
+        configured degrees."""
+        if self.schema.parallel.auto:
+            from .planning import auto_layout
+            return auto_layout(self, world_size)[0]
+        p = _degrees(self.schema)
         if self.elastic:
             return plan_layout(p, world_size, self.model, self.train)
         return ParallelConfig(world_size=world_size, **p)
 
     def job_spec(self, *, job_dir: str, data_dir: str, checkpoint_dir: str, events_path: str) -> JobSpec:
-        """What the workers get: the engine's configs and this job's absolute paths."""
+        """What the workers get: the engine's configs and this job's absolute paths; with
+        `parallel.auto`, the planner's layout for every world size the run may have."""
         c, ckpt = self.schema.cluster, self.schema.checkpoint
-        return JobSpec(model=self.model, train=self.train, parallel=self.schema.parallel.model_dump(),
+        layouts = {}
+        if self.schema.parallel.auto:
+            layouts = {str(w): _layout_degrees(self.parallel(w)) for w in self.world_sizes}
+        return JobSpec(model=self.model, train=self.train, parallel=_degrees(self.schema),
                        job_dir=job_dir, data_dir=data_dir, checkpoint_dir=checkpoint_dir,
                        events_path=events_path, dispatcher=self.schema.moe.dispatcher,
                        use_gpu=c.use_gpu, cpus_per_worker=c.cpus_per_worker,
                        collective_timeout_s=c.collective_timeout_s,
                        checkpoint_every_steps=ckpt.every_steps, checkpoint_keep=ckpt.keep,
-                       resume=ckpt.resume, init_from=self.init_from)
+                       resume=ckpt.resume, init_from=self.init_from, layouts=layouts)
 
     @property
     def init_from(self) -> str | None:
@@ -225,6 +228,15 @@ SHAPE_KEYS = {"vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_he
               "moe_num_shared_experts", "moe_shared_ffn_hidden_size", "moe_shared_expert_gate"}
 
 
+def _degrees(s: RunSchema) -> dict[str, Any]:
+    """The configured ParallelConfig fields (all but world_size; `auto` is the planner's switch)."""
+    return s.parallel.model_dump(exclude={"auto"})
+
+
+def _layout_degrees(p: ParallelConfig) -> dict[str, Any]:
+    return {f.name: getattr(p, f.name) for f in dataclasses.fields(p) if f.name != "world_size"}
+
+
 def _world_sizes(s: RunSchema) -> tuple[int, ...]:
     """Every world size the run may have: each of min..max for an elastic run."""
     n = s.cluster.num_workers
@@ -239,7 +251,7 @@ def _check_elastic_world(s: RunSchema, model: ModelConfig, train: TrainConfig, w
     except ConfigError:
         pass
     try:
-        plan_layout(s.parallel.model_dump(), world, model, train)
+        plan_layout(_degrees(s), world, model, train)
     except (LayoutError, ValueError) as err:
         raise ConfigError(f"cluster.num_workers={fmt_value(s.cluster.num_workers)}: world size "
                           f"{world} admits no layout: {err}") from None
@@ -264,9 +276,11 @@ def _check_world_divisible(s: RunSchema, world: int) -> None:
 
 
 def _check_layout(s: RunSchema, model: ModelConfig, train: TrainConfig, world: int) -> None:
+    if s.parallel.auto:
+        return    # the planner only yields valid layouts; build_run_config asks it for one
     _check_world_divisible(s, world)
     try:
-        parallel = ParallelConfig(world_size=world, **s.parallel.model_dump())
+        parallel = ParallelConfig(world_size=world, **_degrees(s))
     except LayoutError as err:
         raise ConfigError(str(err)) from None
     try:
@@ -304,7 +318,11 @@ def build_run_config(data: dict, default_name: str = "run") -> RunConfig:
             _check_elastic_world(s, model, train, world)
         else:
             _check_layout(s, model, train, world)
-    return RunConfig(schema=s, name=s.name or default_name, model=model, train=train, world_sizes=sizes)
+    run = RunConfig(schema=s, name=s.name or default_name, model=model, train=train, world_sizes=sizes)
+    if s.parallel.auto:
+        for world in sizes:
+            run.parallel(world)   # ConfigError when no layout of that size fits
+    return run
 
 
 def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> RunConfig:

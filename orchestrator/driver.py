@@ -24,7 +24,8 @@ import yaml
 from engine.config.job import JobSpec
 from workers.events import EventTail
 
-from .config import EXIT_CONFIG, ConfigError, RunConfig, add_config_arguments, flatten, load_config
+from .config import ConfigError, RunConfig, add_config_arguments, flatten, load_config
+from .errors import EXIT_CONFIG
 from .observer import JobObserver
 from .paths import durable_paths, in_ray_job
 from .preflight import run_preflight
@@ -194,6 +195,14 @@ def _open_tracker(run: RunConfig, launcher: str, job_dir: str, progress: Progres
     return tracker
 
 
+def _auto_choice(run: RunConfig):
+    """parallel.auto: world size -> the planner's row (orchestrator/planning.py), else None."""
+    if not run.schema.parallel.auto:
+        return None
+    from .planning import auto_layout
+    return lambda world: auto_layout(run, world)[1]
+
+
 def write_spec(spec: JobSpec) -> str:
     """<job_dir>/spec.json: what every worker reads (torchrun) and what ran (records)."""
     spec_path = os.path.join(spec.job_dir, SPEC_FILE)
@@ -318,7 +327,8 @@ def _run_job(run: RunConfig, worker_group, tracker: Tracker | None, job_dir: str
     observer = JobObserver(total_steps=run.train.steps, tracker=tracker, progress=progress,
                            metrics_jsonl=metrics_jsonl, driver_start=driver_start,
                            layout_groups=run.layout_table, plan=plan_for(run),
-                           sinks=worker_group.sinks(os.path.basename(job_dir), run.name))
+                           sinks=worker_group.sinks(os.path.basename(job_dir), run.name),
+                           auto_choice=_auto_choice(run))
     try:
         progress.phase("place workers")
         worker_group.start()
@@ -419,6 +429,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def train_command(run: RunConfig, args: argparse.Namespace, driver_start: float) -> int:
+    from .memory_report import check_fits
+
+    check_fits(run)   # the memory model refuses a config that cannot fit, before anything starts
     result = run_training(run, launcher=args.launcher, metrics_jsonl=args.metrics_jsonl,
                           driver_start=driver_start)
     if result.signaled is not None:

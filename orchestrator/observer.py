@@ -48,13 +48,15 @@ class JobStats:
 class JobObserver:
     def __init__(self, *, total_steps: int, tracker: Tracker | None, progress: ProgressDisplay,
                  metrics_jsonl: str | None, layout_groups, driver_start: float,
-                 plan=None, sinks=()):
+                 plan=None, sinks=(), auto_choice=None):
         self.total_steps = total_steps
         self.tracker = tracker
         self.progress = progress
         self.layout_groups = layout_groups     # world_size -> {axis: rank lists}
         self.plan = plan                       # world_size -> (plan text, plan dict), or None
         self.sinks = list(sinks)               # objects with .step(record): Ray metrics
+        self.auto_choice = auto_choice         # world_size -> planner row (parallel.auto), or None
+        self._starts = 0
         self.stats = JobStats(driver_start=driver_start)
         self._jsonl = open(metrics_jsonl, "a", encoding="utf-8") if metrics_jsonl else None
         self._started_once = False
@@ -97,6 +99,7 @@ class JobObserver:
         self.stats.start_info = event
         if not self._started_once:
             self.stats.resumed_from_step = resumed
+        self._note_auto_choice(event["world_size"])
         if self._started_once or self.tracker is None:
             self._started_once = True
             return
@@ -124,6 +127,24 @@ class JobObserver:
             text, doc = self.plan(world)
             self.tracker.log_text(text, "plan.txt")
             self.tracker.log_text(json.dumps(doc, indent=1), "plan.json")
+
+    def _note_auto_choice(self, world: int) -> None:
+        """parallel.auto: the planner's layout for this (possibly new) world size, printed
+        and logged at every start of the worker group (elastic restarts included)."""
+        if self.auto_choice is None:
+            return
+        row = self.auto_choice(world)
+        d = row.degrees()
+        self.progress.note(
+            f"parallel.auto: world size {world} -> tp={d['tp']} cp={d['cp']} pp={d['pp']} vpp={d['vpp']} "
+            f"ep={d['ep']} etp={d['etp']} (dp={d['dp']} edp={d['edp']}); predicted "
+            f"{row.step_time_s:.3g} s/step, MFU {row.mfu:.1%}")
+        if self.tracker is not None:
+            self.tracker.log_metric("auto_predicted_mfu", row.mfu, step=self._starts)
+            self.tracker.log_metric("auto_predicted_step_time_s", row.step_time_s, step=self._starts)
+            self.tracker.log_text(json.dumps({"world_size": world, **row.as_dict()}, indent=1),
+                                  f"auto_layout_start{self._starts}_world{world}.json")
+        self._starts += 1
 
     def _on_step(self, event: dict) -> None:
         record = {k: v for k, v in event.items() if k != "type"}

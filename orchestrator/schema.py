@@ -16,6 +16,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
 from engine.config.model import ModelConfig, MoEConfig
 from engine.parallel.config import ParallelConfig
 from engine.config.train import TrainConfig
+from engine.planner.devices import GPU_KINDS
 
 
 def _float_from_yaml_string(value: Any) -> Any:
@@ -80,7 +81,9 @@ MoESection = _section_from_dataclass(
     "MoESection", MoEConfig,
     extra={"dispatcher": (Literal["alltoall", "allgather"], "alltoall")})
 
-ParallelSection = _section_from_dataclass("ParallelSection", ParallelConfig, exclude={"world_size"})
+# auto: the planner picks tp/cp/pp/vpp/ep/etp for the world size the job gets (orchestrator/plan.py)
+ParallelSection = _section_from_dataclass("ParallelSection", ParallelConfig, exclude={"world_size"},
+                                          extra={"auto": (bool, False)})
 
 TrainSection = _section_from_dataclass("TrainSection", TrainConfig)
 
@@ -101,6 +104,8 @@ class ClusterSection(BaseModel):
     max_failures: int = Field(3, ge=0)        # worker-group restarts before the job fails
     storage_path: str = "runs"                # per-job event log, worker PIDs, Ray Train state
     collective_timeout_s: int = Field(600, ge=10)  # a hung collective fails the step after this
+    gpu: Literal[GPU_KINDS] = "h100"          # datasheet row (engine/planner/devices.py)
+    device_memory_gb: Optional[Float] = Field(None, gt=0)  # overrides the datasheet (10^9 bytes)
 
     @field_validator("num_workers", mode="before")
     @classmethod

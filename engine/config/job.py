@@ -36,11 +36,14 @@ class JobSpec:
     checkpoint_keep: int = 2
     resume: bool = True
     init_from: str | None = None      # HF model dir: initial weights when no checkpoint exists
-    extra: dict[str, Any] = field(default_factory=dict)   # launcher-specific, JSON-safe
+    layouts: dict[str, dict[str, Any]] = field(default_factory=dict)   # world size -> degrees
 
     def parallel_config(self, world_size: int) -> ParallelConfig:
-        """The configured layout, re-planned when it does not fit `world_size` (an elastic
-        restart on fewer or more workers; rule in engine/parallel/replan.py)."""
+        """The layout the orchestrator chose for `world_size` (`parallel.auto`), else the
+        configured one, re-planned when it does not fit `world_size` (an elastic restart on
+        fewer or more workers; rule in engine/parallel/replan.py)."""
+        if str(world_size) in self.layouts:
+            return ParallelConfig(world_size=world_size, **self.layouts[str(world_size)])
         return plan_layout(self.parallel, world_size, self.model, self.train)
 
     def to_dict(self) -> dict[str, Any]:

@@ -20,13 +20,19 @@ AXIS_KIND = {Axis.TP: "tp", Axis.TP_CP: "tp", Axis.CP: "cp", Axis.CP_A2A: "cp", 
 KINDS = ("dp", "ep", "tp", "cp", "pp")
 
 
+def ring_gather_fraction(n: int) -> float:
+    """Share of a full buffer one rank sends in a ring all-gather or reduce-scatter, (n-1)/n
+    (an all-reduce sends twice that); the planner's volumes use it too."""
+    return (n - 1) / n if n > 1 else 0.0
+
+
 def ring_all_reduce_bytes(nbytes: int, n: int) -> int:
-    return 2 * (n - 1) * nbytes // n
+    return 2 * (n - 1) * nbytes // n       # 2 * ring_gather_fraction(n), in whole bytes
 
 
 def ring_gather_bytes(nbytes: int, n: int) -> int:
     """All-gather or reduce-scatter of a full buffer of `nbytes`."""
-    return (n - 1) * nbytes // n
+    return (n - 1) * nbytes // n           # ring_gather_fraction(n), in whole bytes
 
 
 class Traffic:

@@ -87,3 +87,17 @@ def test_dockerfile_uses_a_cuda_base_and_installs_the_gpu_extra():
     base = [line for line in text.splitlines() if line.startswith("FROM ")]
     assert base and "nvidia/cuda" in base[0]
     assert 'pip install --no-build-isolation ".[gpu]"' in text
+
+
+def test_rayjob_runs_on_80_gb_h100s_and_its_config_fits_them():
+    from engine.planner.devices import DEVICES
+    from orchestrator.config import load_config
+    from orchestrator.memory_report import check_fits, estimate
+
+    job = _load("rayjob.yaml")
+    run = load_config(ROOT / shlex.split(job["spec"]["entrypoint"])[3])
+    (group,) = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    assert group["template"]["spec"]["nodeSelector"]["nvidia.com/gpu.product"] == "NVIDIA-H100-80GB-HBM3"
+    assert run.schema.cluster.gpu == "h100" and DEVICES["h100"].memory_bytes == 80 * 10**9
+    check_fits(run)   # raises ConfigError when a rank role exceeds 80 GB
+    assert max(r.total for r in estimate(run, run.world_sizes[0]).ranks) < 80 * 10**9

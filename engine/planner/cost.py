@@ -1,0 +1,287 @@
+"""Predicted step time of one folded layout (the planner's cost model; docs/planner.md).
+
+Per micro-batch and layer on one rank (t = b·s/cp tokens, t_sp = t/tp, heads per TP rank):
+- GEMMs (projections, FFN, shared experts, router, each routed expert, head) take
+  max(2mkn / (peak·gemm_eff), bytes / (HBM·mem_eff)) forward and three times that for
+  forward + backward: a grouped expert GEMM with few rows per expert is memory-bound on
+  its weights, which is what slows fine-grained experts down;
+- the attention core: 2·b·(s/cp)·s·n_q·d forward FLOPs (causal, zigzag-balanced), three
+  times for forward + backward, at peak·attention_eff;
+- elementwise work: `elementwise_passes` HBM passes over the bytes the layer saves
+  (engine/planner/activations.py); plus `op_overhead_s` per operator (counted once
+  with a dispatch mode on the engine's layers: OPS);
+- recompute re-runs the forward of what it drops (full: the layer; selective: the core;
+  remat-aware: all but the core), with its collectives.
+Communication (engine/planner/comm_model.py) is exposed as the engine runs it: TP and EP
+collectives and PP p2p are synchronous; the CP ring overlaps the attention blocks; the DP
+reduction overlaps the last micro-batch's backward when train.overlap_grad_reduce.
+Step = (m + (pp - 1)/vpp)·(slowest stage per micro-batch) + exposed DP + optimizer update
+(Narayanan et al. 2021: the interleaved bubble is (pp - 1)/vpp micro-batch times).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from engine.metrics.flops import model_flops_per_iteration
+from engine.config.model import ModelConfig
+from engine.parallel.config import ParallelConfig
+from engine.config.train import TrainConfig
+
+from .activations import MicroBatchShape, layer_bytes
+from .comm_model import (Link, a2a_bytes, allgather_dispatch_bytes, cp_ring_bytes, dp_bytes,
+                         tp_collective_bytes)
+from .devices import Device
+from .memory import RankInfo, dispatch_rows, owned_elements, rank_infos
+from .shards import local_kv_heads
+
+# aten operators per layer, forward + backward (one process, engine/models + engine/moe)
+OPS = {"dense_layer": 251, "moe_layer": 315, "per_expert": 31, "shared": 47, "ends": 51}
+ADAM_BYTES_PER_ELEM = 30   # read grad, master, 2 moments; write master, 2 moments, param
+
+
+@dataclass(frozen=True)
+class CostConstants:
+    """Achievable fractions of the device figures; one set for every GPU case (docs/planner.md)."""
+    gemm_efficiency: float = 0.80
+    attention_efficiency: float = 0.55
+    attention_half_block: int = 256        # block length (tokens) at which it halves
+    memory_efficiency: float = 0.80
+    link_efficiency: float = 0.80
+    collective_latency_s: float = 15e-6
+    a2a_peer_latency_s: float = 4e-6
+    op_overhead_s: float = 2e-6
+    elementwise_passes: float = 4.0
+    # HBM passes over the local expert stack per expert backward beyond its GEMMs: indexing
+    # w[e] in engine/moe/experts.py writes and adds a zero gradient of the whole stack. The
+    # datasheet rows assume grouped-GEMM experts without indexing (issue 11): 0; calibration
+    # measures the engine as it is.
+    expert_index_grad_passes: float = 0.0
+    # Seconds per owned element of the optimizer step (AdamW + grad-norm); None: stream
+    # ADAM_BYTES_PER_ELEM at HBM speed (CUDA's foreach kernels); calibration measures it.
+    optimizer_s_per_elem: float | None = None
+    # Measured / modelled time of the engine's own layers on this machine (calibration only:
+    # allocation, page faults and autograd bookkeeping that the rates above do not see).
+    compute_scale: float = 1.0
+
+
+@dataclass(frozen=True)
+class Machine:
+    device: Device
+    gpus_per_node: int = 8
+    constants: CostConstants = field(default_factory=CostConstants)
+
+    @property
+    def gemm_rate(self) -> float:
+        return self.device.peak_flops * self.constants.gemm_efficiency
+
+    @property
+    def attention_rate(self) -> float:
+        return self.device.peak_flops * self.constants.attention_efficiency
+
+    @property
+    def memory_rate(self) -> float:
+        return self.device.hbm_bytes_per_s * self.constants.memory_efficiency
+
+    @property
+    def link(self) -> Link:
+        eff = self.constants.link_efficiency
+        return Link(self.device.intra_node_bytes_per_s * eff, self.device.inter_node_bytes_per_s * eff,
+                    self.gpus_per_node)
+
+
+@dataclass(frozen=True)
+class StepEstimate:
+    step_time_s: float
+    mfu: float
+    tflops_per_gpu: float
+    breakdown: dict   # seconds per step: compute, tp, cp, ep, pp, bubble, dp, optimizer
+
+
+def _gemm(m: float, k: float, n: float, e: int, mach: Machine) -> float:
+    """Forward time of one [m, k] x [k, n] GEMM."""
+    return max(2 * m * k * n / mach.gemm_rate, e * (m * k + k * n + m * n) / mach.memory_rate)
+
+
+def _swiglu(m: float, h: int, f: int, e: int, mach: Machine) -> float:
+    return 2 * _gemm(m, h, f, e, mach) + _gemm(m, f, h, e, mach)
+
+
+def _layer(cfg: ModelConfig, is_moe: bool, p: ParallelConfig, train: TrainConfig, mach: Machine,
+           dispatcher: str) -> dict:
+    """Seconds of one layer for one micro-batch, forward + backward (+ recompute), by part."""
+    c, moe, h, d = mach.constants, cfg.moe, cfg.hidden_size, cfg.dim_head
+    e = 2 if train.precision == "bf16" else 4
+    b, s = train.micro_batch_size, train.seq_len
+    mb = MicroBatchShape(b, s // p.cp, p.tp, e)
+    t, t_sp = mb.tokens, mb.sp_tokens
+    q_heads, kv_heads = cfg.num_heads // p.tp, local_kv_heads(cfg.num_kv_heads, p.tp)
+    rows = dispatch_rows(cfg, p, t_sp, worst=False)
+
+    proj = _gemm(t, h, (q_heads + 2 * kv_heads) * d, e, mach) + _gemm(t, q_heads * d, h, e, mach)
+    # Attention kernels lose efficiency on short blocks: the zigzag CP shards are pairs of
+    # s/(2 cp)-token chunks, each computed against every K/V chunk in turn.
+    block = s // (2 * p.cp) if p.cp > 1 else s
+    block_eff = block / (block + c.attention_half_block)
+    core = 2 * b * (s // p.cp) * s * q_heads * d / (mach.attention_rate * block_eff)
+    shared_f = moe.num_shared_experts * moe.shared_ffn_hidden_size // p.tp
+    if is_moe:
+        local = moe.num_experts // p.ep
+        per_expert = rows.at_experts / local
+        ffn = (_gemm(t_sp, h, moe.num_experts, e, mach)
+               + local * _swiglu(per_expert, h, moe.ffn_hidden_size // p.etp, e, mach)
+               + (_swiglu(t, h, shared_f, e, mach) if shared_f else 0.0))
+        ops = OPS["moe_layer"] + OPS["per_expert"] * local + (OPS["shared"] if shared_f else 0)
+        # engine/moe/experts.py indexes w[e] per expert: each index's backward writes a zero
+        # gradient of the whole local [E_l, h, F] stack and adds it (3 stacks per layer).
+        stack = local * h * (moe.ffn_hidden_size // p.etp) * e
+        index_grads = c.expert_index_grad_passes * 3 * local * stack / mach.memory_rate
+    else:
+        ffn = _swiglu(t, h, cfg.ffn_hidden_size // p.tp, e, mach)
+        ops, index_grads = OPS["dense_layer"], 0.0
+    saved = layer_bytes(cfg, cfg.first_k_dense if is_moe else 0, mb, rows, p.etp, "none")
+    elementwise = c.elementwise_passes * saved / mach.memory_rate / 3   # forward share
+    forward = proj + core + ffn + elementwise
+    redo = {"none": 0.0, "selective": core, "full": forward, "remat_aware": forward - core}[train.recompute]
+    redo_share = redo / forward
+    compute = c.compute_scale * (3 * forward + redo + ops * c.op_overhead_s * (1 + redo_share / 3)
+                                 + index_grads)
+
+    link, lat = mach.link, c.collective_latency_s
+    tp_collectives = 2 + (2 if (not is_moe or shared_f) else 0)      # forward
+    tp_each = lat + link.ring_time(tp_collective_bytes(t, h, e, p.tp), p.tp, 1) if p.tp > 1 else 0.0
+    tp_redo = tp_collectives if train.recompute in ("full", "remat_aware") else 0
+    tp = (2 * tp_collectives + tp_redo) * tp_each
+
+    cp = 0.0
+    if p.cp > 1:
+        fwd_bytes, bwd_bytes = cp_ring_bytes(t, kv_heads, d, p.cp, e)
+        ring_redo = fwd_bytes if train.recompute in ("selective", "full") else 0.0
+        ring = link.ring_time(fwd_bytes + bwd_bytes + ring_redo, p.cp, p.tp) + 2 * (p.cp - 1) * lat
+        cp = max(0.0, ring - 3 * core) + 2 * (p.cp - 1) * lat    # overlapped with the blocks
+
+    ep = 0.0
+    if is_moe and p.ep * p.etp > 1:
+        passes = 2 + (1 if train.recompute in ("full", "remat_aware") else 0)
+        if dispatcher == "allgather":
+            group = p.ep * p.etp
+            per_pass = (link.a2a_time(allgather_dispatch_bytes(t_sp, h, e, group), group, 1)
+                        + 2 * (lat + (group - 1) * c.a2a_peer_latency_s))
+        else:
+            ep_part = a2a_bytes(rows.assigned, h, e, p.ep, 1)
+            etp_part = a2a_bytes(rows.assigned, h, e, 1, p.etp)
+            per_pass = (link.a2a_time(ep_part, p.ep, p.etp) + link.a2a_time(etp_part, p.etp, 1)
+                        + 3 * lat + 2 * (p.ep - 1) * c.a2a_peer_latency_s)
+        ep = passes * per_pass
+    return {"compute": compute, "tp": tp, "cp": cp, "ep": ep}
+
+
+def _ends(cfg: ModelConfig, p: ParallelConfig, train: TrainConfig, mach: Machine, last: bool) -> dict:
+    """Embedding (first chunk) or head + loss (last chunk), one micro-batch."""
+    e = 2 if train.precision == "bf16" else 4
+    t = train.micro_batch_size * train.seq_len // p.cp
+    vocab = cfg.vocab_size // p.tp
+    tp_each = (mach.constants.collective_latency_s
+               + mach.link.ring_time(tp_collective_bytes(t, cfg.hidden_size, e, p.tp), p.tp, 1)
+               if p.tp > 1 else 0.0)
+    compute = OPS["ends"] / 2 * mach.constants.op_overhead_s
+    if last:
+        loss = mach.constants.elementwise_passes * (e + 8) * t * vocab / mach.memory_rate
+        compute += 3 * _gemm(t, cfg.hidden_size, vocab, e, mach) + loss
+    return {"compute": mach.constants.compute_scale * compute, "tp": 2 * tp_each, "cp": 0.0, "ep": 0.0}
+
+
+def _p2p(p: ParallelConfig, train: TrainConfig, cfg: ModelConfig, mach: Machine) -> float:
+    """Per micro-batch: each chunk's activation forward and its gradient backward."""
+    if p.pp == 1:
+        return 0.0
+    e = 2 if train.precision == "bf16" else 4
+    nbytes = train.micro_batch_size * train.seq_len // (p.cp * p.tp) * cfg.hidden_size * e
+    one = mach.constants.collective_latency_s + mach.link.ring_time(nbytes, p.pp, p.world_size // p.pp)
+    return 2 * p.vpp * one
+
+
+def _add(total: dict, part: dict, times: float = 1.0) -> None:
+    for key, value in part.items():
+        total[key] = total.get(key, 0.0) + times * value
+
+
+def _memo(cache: dict | None, key: tuple, compute):
+    if cache is None:
+        return compute()
+    if key not in cache:
+        cache[key] = compute()
+    return cache[key]
+
+
+def stage_times(cfg, p, train, mach, dispatcher, cache: dict | None = None,
+                ranks: list[RankInfo] | None = None) -> dict[int, dict]:
+    """Seconds per micro-batch, by part, of the representative PP ranks (the first rank of
+    each distinct chunk composition: a stage's time depends on its chunks only)."""
+    key = (p.tp, p.cp, p.ep, p.etp, train.micro_batch_size, train.recompute)
+    layer = {k: _memo(cache, ("layer", k) + key, lambda k=k: _layer(cfg, k, p, train, mach, dispatcher))
+             for k in (False, True)}
+    first = _memo(cache, ("first",) + key, lambda: _ends(cfg, p, train, mach, last=False))
+    last = _memo(cache, ("last",) + key, lambda: _ends(cfg, p, train, mach, last=True))
+    p2p = _p2p(p, train, cfg, mach)
+    stages = {}
+    for info in ranks if ranks is not None else rank_infos(cfg, p, train.seq_len):
+        total = {"compute": 0.0, "tp": 0.0, "cp": 0.0, "ep": 0.0, "pp": p2p}
+        summary = info.summary
+        if summary.dense:
+            _add(total, layer[False], summary.dense)
+        if summary.moe:
+            _add(total, layer[True], summary.moe)
+        if summary.first:
+            _add(total, first)
+        if summary.last:
+            _add(total, last)
+        stages[info.rank] = total
+    return stages
+
+
+def _dp_and_optimizer(cfg, p, train, mach, stage_compute: float, ranks: list[RankInfo]
+                      ) -> tuple[float, float]:
+    """(exposed gradient reduction, optimizer update) seconds of the slowest stage."""
+    link, lat = mach.link, mach.constants.collective_latency_s
+    param_bytes = 2 if train.precision == "bf16" else 4
+    worst_dp = worst_opt = 0.0
+    for info in ranks:
+        count = info.count
+        owned = owned_elements(count, p, train.zero1)
+        dense = dp_bytes(count.dense, param_bytes, p.dp * p.cp, train.zero1)
+        expert = dp_bytes(count.expert, param_bytes, p.edp, train.zero1)
+        reduce = (link.ring_time(dense, p.dp * p.cp, p.tp) + link.ring_time(expert, p.edp, p.etp * p.ep)
+                  + 2 * lat)
+        gather = 0.0
+        if train.zero1:   # the parameter all-gather (model dtype) runs after the update
+            gather = reduce * param_bytes / (4 + param_bytes)
+            reduce -= gather
+        if train.overlap_grad_reduce:
+            reduce = max(0.0, reduce - 2 / 3 * stage_compute)   # hidden by the last backward
+        worst_dp = max(worst_dp, reduce + gather)
+        per_elem = mach.constants.optimizer_s_per_elem
+        update = (owned * per_elem if per_elem is not None
+                  else (ADAM_BYTES_PER_ELEM * owned + 4 * count.total) / mach.memory_rate)
+        worst_opt = max(worst_opt, update)
+    return worst_dp, worst_opt
+
+
+def estimate_step(cfg: ModelConfig, p: ParallelConfig, train: TrainConfig, mach: Machine, *,
+                  dispatcher: str = "alltoall", cache: dict | None = None,
+                  ranks: list | None = None) -> StepEstimate:
+    """Predicted step time, MFU and breakdown of layout `p` (module docstring). `cache`: a
+    dict the planner keeps for one search (per-layer figures shared by many layouts);
+    `ranks`: the representative ranks (memory.rank_infos), when the caller has them."""
+    m = train.num_microbatches(p.dp)
+    ranks = ranks if ranks is not None else rank_infos(cfg, p, train.seq_len)
+    stages = stage_times(cfg, p, train, mach, dispatcher, cache, ranks)
+    slowest = max(stages.values(), key=lambda s: sum(s.values()))
+    per_mb = sum(slowest.values())
+    bubble = (p.pp - 1) / p.vpp * per_mb
+    dp, optimizer = _dp_and_optimizer(cfg, p, train, mach, slowest["compute"], ranks)
+    breakdown = {k: m * v for k, v in slowest.items()}
+    breakdown.update(bubble=bubble, dp=dp, optimizer=optimizer)
+    step = sum(breakdown.values())
+    flops = model_flops_per_iteration(cfg, train.global_batch_size, train.seq_len)
+    per_gpu = flops / (step * p.world_size)
+    return StepEstimate(step, per_gpu / mach.device.peak_flops, per_gpu / 1e12, breakdown)

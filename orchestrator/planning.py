@@ -1,0 +1,125 @@
+"""`foldmoe plan`: rank every folded layout of N GPUs for a config, and `parallel.auto`.
+
+The search and the cost model are engine/planner (pure arithmetic); this module builds the
+machine (datasheet row, or `--calibrate` measurements), fixes what the config fixes, and
+prints. `auto_layout(run, world_size)` is what `parallel.auto: true` runs: the first row of
+`foldmoe plan CONFIG --gpus world_size` (with the config's cluster.gpu, 8 GPUs a node, and
+the config's micro-batch size and recompute mode, which auto does not change).
+"""
+from __future__ import annotations
+
+import json
+
+from engine.parallel.config import ParallelConfig
+from engine.planner.cost import CostConstants, Machine
+from engine.planner.devices import DEVICES, GB
+from engine.planner.search import DEGREE_KEYS, PlanResult, PlanRow, SearchSpace, search_layouts
+
+from typing import TYPE_CHECKING
+
+from .errors import ConfigError
+
+if TYPE_CHECKING:       # annotations only: orchestrator.config imports this module for auto
+    from .config import RunConfig
+
+ONLY_KEYS = DEGREE_KEYS + ("micro_batch_size", "recompute")
+DEFAULT_GPUS_PER_NODE = 8
+
+
+def parse_only(text: str | None) -> dict:
+    """`tp=2,ep=8` -> {"tp": "2", "ep": "8"}; unknown keys are a ConfigError."""
+    out: dict = {}
+    for item in filter(None, (text or "").split(",")):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in ONLY_KEYS:
+            raise ConfigError(f"--only {item}: expected key=value with key in {', '.join(ONLY_KEYS)}")
+        out[key] = value.strip()
+    return out
+
+
+def memory_limit(run: RunConfig, gpu: str) -> float | None:
+    """Bytes per GPU: cluster.device_memory_gb, else the datasheet. CPU workers are not
+    limited unless cluster.device_memory_gb is set, as in `foldmoe validate` (they share
+    the host in proportions the config cannot know); this also keeps `parallel.auto`'s
+    choice the same on every machine that computes it (driver and workers)."""
+    if run.schema.cluster.device_memory_gb is not None:
+        return run.schema.cluster.device_memory_gb * GB
+    return None if gpu == "cpu" else DEVICES[gpu].memory_bytes
+
+
+def machine_for(gpu: str, gpus_per_node: int, calibrated: dict | None = None) -> Machine:
+    """The datasheet machine, or the calibrated one (engine/planner/calibrate.py)."""
+    if calibrated is None:
+        return Machine(DEVICES[gpu], gpus_per_node)
+    device = DEVICES[gpu].with_rates(**calibrated["device"])
+    return Machine(device, gpus_per_node, CostConstants(**calibrated["constants"]))
+
+
+def search_space(run: RunConfig, only: dict) -> SearchSpace:
+    """parallel.auto keeps the config's micro-batch size and recompute mode."""
+    if run.schema.parallel.auto:
+        return SearchSpace(micro_batch_sizes=(run.train.micro_batch_size,),
+                           recompute=(run.train.recompute,), only=only)
+    return SearchSpace(only=only)
+
+
+def plan(run: RunConfig, gpus: int, *, gpu: str, gpus_per_node: int = DEFAULT_GPUS_PER_NODE,
+         only: dict | None = None, calibrated: dict | None = None) -> PlanResult:
+    p = run.schema.parallel
+    options = {"sequence_parallel": p.sequence_parallel, "cp_mode": p.cp_mode, "cp_a2a_size": p.cp_a2a_size}
+    return search_layouts(run.model, run.train, gpus, machine_for(gpu, gpus_per_node, calibrated),
+                          memory_limit=memory_limit(run, gpu), dispatcher=run.schema.moe.dispatcher,
+                          space=search_space(run, only or {}), options=options,
+                          memory_device="cpu" if gpu == "cpu" else "cuda")
+
+
+def auto_gpu(run: RunConfig) -> str:
+    return run.schema.cluster.gpu if run.schema.cluster.use_gpu else "cpu"
+
+
+def auto_gpus_per_node(run: RunConfig, world_size: int) -> int:
+    """CPU workers share one host; GPU nodes have 8 (DGX/HGX)."""
+    return world_size if auto_gpu(run) == "cpu" else DEFAULT_GPUS_PER_NODE
+
+
+_AUTO: dict = {}
+
+
+def auto_layout(run: RunConfig, world_size: int) -> tuple[ParallelConfig, PlanRow]:
+    """The layout `parallel.auto: true` runs on `world_size` workers, and its plan row
+    (predicted step time and MFU): the first row of `foldmoe plan CONFIG --gpus world_size`.
+    Pure (the same config and world size give the same layout); memoised per process."""
+    key = (json.dumps(run.schema.model_dump(), sort_keys=True, default=str), world_size)
+    if key not in _AUTO:
+        result = plan(run, world_size, gpu=auto_gpu(run), gpus_per_node=auto_gpus_per_node(run, world_size))
+        if not result.rows:
+            raise ConfigError(f"parallel.auto=true: no folded layout of {world_size} workers fits "
+                              f"(searched {result.searched}); see `foldmoe plan --gpus {world_size}`")
+        _AUTO[key] = result.rows[0]
+    row = _AUTO[key]
+    return row.parallel, row
+
+
+# ------------------------------------------------------------------ printing
+
+def plan_text(result: PlanResult, gpus: int, machine_name: str, top: int) -> str:
+    rows = result.rows if top == 0 else result.rows[:top]
+    lines = [f"{len(result.rows)} feasible of {result.searched} searched for {gpus} x {machine_name} "
+             f"in {result.seconds:.2f} s ({result.cpu_seconds:.2f} s CPU); fastest first",
+             "  #  TP CP PP VPP EP ETP   DP EDP  mbs recompute     step_s  TFLOP/s    MFU  mem_GB"]
+    for i, r in enumerate(rows):
+        d = r.degrees()
+        lines.append(f"{i + 1:>3}  {d['tp']:>2} {d['cp']:>2} {d['pp']:>2} {d['vpp']:>3} {d['ep']:>2} "
+                     f"{d['etp']:>3} {d['dp']:>4} {d['edp']:>3} {r.micro_batch_size:>4} {r.recompute:<11} "
+                     f"{r.step_time_s:>8.4g} {r.tflops_per_gpu:>8.4g} {r.mfu:>6.1%} {r.memory_bytes / GB:>7.3g}")
+    for i, r in enumerate(rows[:3]):
+        parts = ", ".join(f"{k} {v:.3g}" for k, v in r.breakdown.items())
+        lines.append(f"  breakdown #{i + 1} (s per step, exposed): {parts}")
+    return "\n".join(lines) + "\n"
+
+
+def plan_json(result: PlanResult, top: int) -> str:
+    rows = result.rows if top == 0 else result.rows[:top]
+    return json.dumps({"searched": result.searched, "seconds": result.seconds,
+                       "cpu_seconds": result.cpu_seconds, "layouts": [r.as_dict() for r in rows]})
