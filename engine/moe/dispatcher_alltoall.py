@@ -5,7 +5,8 @@ Dispatch (Megatron-Core MoEAlltoAllTokenDispatcher, arXiv 2504.14960):
  1. the assignments are already sorted by global expert = grouped by destination EP rank;
  2. per-expert counts exchanged over EP (all_to_all) and, for ETP > 1, all-gathered over
     ETP, both on the device; then the split sizes of every exchange below are read to the
-    host in ONE copy (the only host read of the layer: all_to_all needs host split sizes);
+    host in ONE copy (the only host read of the layer: all_to_all needs host split sizes).
+    Pad-to-capacity fixes every count, so it skips both the exchange and the read;
  3. tokens exchanged (variable all_to_all) and, for ETP > 1, all-gathered over ETP (each
     ETP rank received different tokens for the same experts; all must meet every F shard);
  4. received rows sorted by local expert (a permutation built from the counts alone),
@@ -54,6 +55,15 @@ class AllToAllDispatcher(nn.Module):
         self.ep_group, self.etp_group = ep_group, etp_group
         self.counter = CommCounter(link)
 
+    def _static_counts(self, counts_e: torch.Tensor, per_expert: int):
+        """Pad-to-capacity: every rank sends `per_expert` slots to every expert, so all sizes
+        follow from the shapes - no count exchange and no host read."""
+        ep, etp = group_size(self.ep_group), group_size(self.etp_group)
+        num_local = counts_e.numel() // ep
+        chunk_counts = counts_e.new_full((etp * ep, num_local), per_expert)
+        splits = [num_local * per_expert] * ep
+        return chunk_counts, splits, splits, [ep * num_local * per_expert] * etp if etp > 1 else None
+
     def _exchange_counts(self, counts_e: torch.Tensor):
         """(recv counts [chunks, E_l] on the device, host split sizes: send [ep], recv [ep],
         etp [etp] or None) with a single device-to-host copy."""
@@ -71,7 +81,11 @@ class AllToAllDispatcher(nn.Module):
         return chunk_counts, host[:ep], host[ep:2 * ep], etp_sizes
 
     def forward(self, x_th: torch.Tensor, assign: Assignments, experts: GroupedExperts) -> torch.Tensor:
-        chunk_counts, send_splits, recv_splits, etp_sizes = self._exchange_counts(assign.counts_e)
+        if assign.slots_per_expert is not None:
+            counts = self._static_counts(assign.counts_e, assign.slots_per_expert)
+        else:
+            counts = self._exchange_counts(assign.counts_e)
+        chunk_counts, send_splits, recv_splits, etp_sizes = counts
         num_sent = sum(send_splits)               # the valid slots; dropped ones stay here
         token_n, prob_n = assign.token_n[:num_sent], assign.prob_n[:num_sent]
 

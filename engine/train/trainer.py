@@ -139,8 +139,9 @@ class Trainer:
         if mesh.size(Axis.STAGE) > 1:
             dist.all_reduce(values, group=mesh.group(Axis.STAGE))
         if mesh.size(Axis.PP) > 1:
-            per_stage = values.new_empty(mesh.size(Axis.PP), values.numel())
+            per_stage = values.new_empty(mesh.size(Axis.PP) * values.numel())
             dist.all_gather_into_tensor(per_stage, values, group=mesh.group(Axis.PP))
+            per_stage = per_stage.view(mesh.size(Axis.PP), -1)
             values = torch.cat([per_stage[:, :3].sum(0), per_stage[:, 3:].amax(0)])
         lm, aux, z, dropped, imbalance = values.tolist()
         return {"loss": lm + aux + z, "lm_loss": lm, "aux_loss": aux, "z_loss": z,
