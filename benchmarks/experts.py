@@ -10,7 +10,7 @@ random scores, so the splits are uneven), CPU, one thread:
 - dense:          one SwiGLU with a single [h, F] weight set over all N rows: the same FLOPs
                   with the best GEMM shape, the floor for any grouping.
 
-    python -m benchmarks.experts [--tokens 1024,4096] [--rounds 5]
+    python -m benchmarks.experts [--rounds 5]
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from engine.moe.experts import GroupedMM, grouped_swiglu
 
 SHAPES = {"fine64": dict(experts=64, top_k=6, hidden=512, ffn=384),
           "mixtral": dict(experts=8, top_k=2, hidden=512, ffn=1792)}
+TOKENS = {"fine64": (256, 1024, 4096), "mixtral": (1024,)}
 
 
 def _loop_index(x_nh, counts, w_gate, w_up, w_down):
@@ -84,16 +85,15 @@ def candidates(counts_e, x_nh, weights, dense, grad, with_loop: bool):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", default="1024,4096")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--loop-max-rows", type=int, default=8192,
+    parser.add_argument("--loop-max-rows", type=int, default=2048,
                         help="skip loop_index above this many rows (its backward is O(E^2))")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     one_thread()
     rows, results = [], []
     for shape_name, shape in SHAPES.items():
-        for tokens in map(int, args.tokens.split(",")):
+        for tokens in TOKENS[shape_name]:
             inputs = make_inputs(**shape, tokens=tokens)
             n = inputs[1].shape[0]
             times = interleaved_rounds(candidates(*inputs, with_loop=n <= args.loop_max_rows), args.rounds)
