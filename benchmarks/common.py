@@ -72,7 +72,9 @@ def machine() -> dict:
     return {"cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(),
             "platform": platform.platform(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            # other processes share the cores: the 1/5/15-minute load when the figures were written
+            "load_average": list(os.getloadavg())}
 
 
 def print_table(title: str, header: list[str], rows: list[list]) -> None:

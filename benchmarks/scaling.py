@@ -2,7 +2,7 @@
 parallel efficiency and the time each rank waits in collectives.
 
 Strong scaling: every layout trains the same model on the same global batch (8 sequences
-of 128 tokens in 2 global micro-batches of 4), so the work is fixed and
+of 256 tokens in 2 global micro-batches of 4), so the work is fixed and
     efficiency(N) = T_1 / (N * T_N)        (1 = perfect),
     efficiency_cores(N) = T_1 / (min(N, cores) * T_N)
 (the second discounts ranks that share a core: 4 ranks on a 2-core machine can at best
@@ -29,10 +29,10 @@ from engine.config.model import ModelConfig, MoEConfig
 from engine.config.train import TrainConfig
 from engine.testing.multiprocess import run_distributed
 
-MODEL = ModelConfig(vocab_size=1024, hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=4,
-                    ffn_hidden_size=512, first_k_dense=1, max_seq_len=128,
-                    moe=MoEConfig(num_experts=8, top_k=2, ffn_hidden_size=256))
-GLOBAL_BATCH, GLOBAL_MICRO, SEQ = 8, 4, 128
+MODEL = ModelConfig(vocab_size=2048, hidden_size=512, num_layers=4, num_heads=8, num_kv_heads=4,
+                    ffn_hidden_size=1024, first_k_dense=1, max_seq_len=256,
+                    moe=MoEConfig(num_experts=8, top_k=2, ffn_hidden_size=512))
+GLOBAL_BATCH, GLOBAL_MICRO, SEQ = 8, 4, 256
 LAYOUTS = {1: {"single": {}},
            2: {"EP2 (DP2)": dict(ep=2), "TP2+SP": dict(tp=2), "CP2": dict(cp=2)},
            4: {"EP4 (DP4)": dict(ep=4), "TP4+SP": dict(tp=4), "CP4": dict(cp=4)}}

@@ -10,7 +10,7 @@ on its flat buffers) and, as a third candidate, with fused=True (one vectorised 
 FoldedOptimizer does not use). Before timing, the logits of both models on the first batch
 are compared (the weight mapping is in benchmarks/hf_mixtral.py).
 
-    python -m benchmarks.step_vs_hf [--rounds 5] [--shapes mixtral,fine64]
+    python -m benchmarks.step_vs_hf [--rounds 4] [--shapes mixtral,fine64]
 """
 from __future__ import annotations
 
@@ -105,7 +105,7 @@ def run_shape(name: str, cfg: ModelConfig, mesh: FoldedMesh, rounds: int) -> dic
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--json", default=None, help="output path (default benchmarks/results/)")
     args = parser.parse_args()
