@@ -6,7 +6,12 @@ of 256 tokens in 2 global micro-batches of 4), so the work is fixed and
     efficiency(N) = T_1 / (N * T_N)        (1 = perfect),
     efficiency_cores(N) = T_1 / (min(N, cores) * T_N)
 (the second discounts ranks that share a core: 4 ranks on a 2-core machine can at best
-halve the time). Collective time is the wall time inside torch.distributed calls and
+halve the time), and
+    efficiency_machine(N) = T_1 / (S(N) * T_N),   S(N) = N * t_1 / t_N(matmul),
+against what the machine really gives N concurrent processes: S(N) is the measured
+throughput gain of N processes each running the same fixed matmul loop (no communication)
+right before the run; other jobs on shared cores and SMT siblings make it well below N.
+Collective time is the wall time inside torch.distributed calls and
 wait()s (benchmarks/collective_timer.py), averaged over ranks: transfer plus waiting for
 the slowest rank, what a GPU stream would see as a stall. The layouts of one world size run
 in the same processes, one step each in turn (interleaved); each world size is a separate
@@ -48,6 +53,22 @@ def _trainer(world: int, layout: dict):
     return build_trainer(MODEL, train, mesh)
 
 
+def burn_worker(rank: int, world: int) -> float:
+    """Seconds for a fixed single-thread matmul loop (all ranks at once, no communication)."""
+    one_thread()
+    a, b = torch.randn(768, 768), torch.randn(768, 768)
+    start = time.perf_counter()
+    for _ in range(40):
+        a @ b
+    return time.perf_counter() - start
+
+
+def machine_speedup(worlds) -> dict[int, float]:
+    """S(N): throughput of N concurrent single-thread processes relative to one."""
+    alone = statistics.median(run_distributed(burn_worker, 1)[0] for _ in range(3))
+    return {w: 1.0 if w == 1 else w * alone / max(run_distributed(burn_worker, w)) for w in worlds}
+
+
 def scaling_worker(rank: int, world: int, steps: int) -> dict:
     from engine.testing.parity import synthetic_global_batch
     one_thread()
@@ -68,7 +89,7 @@ def scaling_worker(rank: int, world: int, steps: int) -> dict:
     return out
 
 
-def summarize(per_world: dict[int, list[dict]]) -> list[dict]:
+def summarize(per_world: dict[int, list[dict]], speedup: dict[int, float]) -> list[dict]:
     cores = os.cpu_count() or 1
     base = statistics.median(per_world[1][0]["single"]["step_s"])
     rows = []
@@ -82,6 +103,8 @@ def summarize(per_world: dict[int, list[dict]]) -> list[dict]:
                          "collective_fraction": coll_s / step_s,
                          "efficiency": base / (world * step_s),
                          "efficiency_cores": base / (min(world, cores) * step_s),
+                         "machine_speedup": speedup[world],
+                         "efficiency_machine": base / (speedup[world] * step_s),
                          "loss": ranks[0][name]["loss"]})
     return rows
 
@@ -92,15 +115,17 @@ def main() -> None:
     parser.add_argument("--worlds", default="1,2,4")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    per_world = {w: run_distributed(scaling_worker, w, args.steps, timeout_s=900)
-                 for w in map(int, args.worlds.split(","))}
-    rows = summarize(per_world)
+    worlds = [int(w) for w in args.worlds.split(",")]
+    speedup = machine_speedup(worlds)
+    per_world = {w: run_distributed(scaling_worker, w, args.steps, timeout_s=900) for w in worlds}
+    rows = summarize(per_world, speedup)
     print_table(f"strong scaling, {GLOBAL_BATCH} x {SEQ} tokens per step, median of {args.steps} steps, "
                 f"{os.cpu_count()} cores",
                 ["ranks", "layout", "step s", "in collectives s", "fraction", "efficiency",
-                 "efficiency (cores)", "loss"],
+                 "eff. (cores)", "machine S(N)", "eff. (machine)", "loss"],
                 [[r["world"], r["layout"], r["step_s"], r["collective_s"], r["collective_fraction"],
-                  r["efficiency"], r["efficiency_cores"], r["loss"]] for r in rows])
+                  r["efficiency"], r["efficiency_cores"], r["machine_speedup"], r["efficiency_machine"],
+                  r["loss"]] for r in rows])
     write_json("scaling", {"steps": args.steps, "model": MODEL.__dict__ | {"moe": MODEL.moe.__dict__},
                            "rows": rows}, args.json)
 
