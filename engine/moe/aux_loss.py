@@ -11,131 +11,117 @@ Megatron issue #3672, PR #3768 and PR #5047 is a loss that changes with TP/CP/DP
   detached counts: summed over the ranks this is exactly aux, and so are the gradients,
   since every gradient reduction is a SUM.
 - Sequence-level (DeepSeek-V2/V3): the switch loss of each sequence (f, P over its s
-  tokens, which TP-SP and CP split across the "tp_cp" ranks, so its counts are
-  all-reduced there), averaged over the B sequences of the micro-batch on the stage.
+  tokens, which TP-SP and CP split across the "tp_cp" ranks), averaged over the R
+  sequences of the micro-batch on the stage (per-sequence rows: routing_stats.py).
 - z-loss (ST-MoE, arXiv 2202.08906): mean_t logsumexp(z_t)^2 = sum_{local} lse^2 / T.
 The weighted sum coeff * loss * aux_loss_scale enters backward through `attach_aux_loss`,
-which returns the activation unchanged and injects d(weighted)/d(.) = 1 in backward, so
-the caller never adds it to its loss (pipeline stages get it without plumbing). The
-trainer sets aux_loss_scale = 1/num_microbatches. Logged values are the global ones,
-detached. Without groups (single process) all statistics are local.
+which returns the activation unchanged; its backward waits for the statistics (reduced
+asynchronously since the forward), differentiates the local objective with respect to the
+router scores and logits, and adds that to their gradients, so the caller never adds it to
+its loss (pipeline stages get it without plumbing) and the forward never blocks on the
+reduction. The trainer sets aux_loss_scale = 1/num_microbatches. Logged values are the
+global ones, as 0-d device tensors (read once per step by the trainer).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
-from .comm import all_reduce_sum_, group_size
-from .router import Routing
+from engine.config.model import MoEConfig
+
+from .routing_stats import PendingStats, RoutingStats
+
+Objective = Callable[[torch.Tensor, torch.Tensor, RoutingStats], torch.Tensor]
 
 
-class _InjectLossGrad(torch.autograd.Function):
+def _clamp1(x: torch.Tensor) -> torch.Tensor:
+    return x.clamp_min(1.0)
+
+
+def switch_aux_loss(scores_te: torch.Tensor, stats: RoutingStats, top_k: int) -> torch.Tensor:
+    """This rank's differentiable contribution to E sum_i f_i P_i."""
+    num_experts = scores_te.shape[-1]
+    tokens = _clamp1(stats.tokens)
+    f_e = (stats.counts_e / (tokens * top_k)).to(scores_te.dtype)
+    return num_experts * (f_e * scores_te.sum(0)).sum() / tokens.to(scores_te.dtype)
+
+
+def switch_aux_value(stats: RoutingStats, top_k: int) -> torch.Tensor:
+    tokens = _clamp1(stats.tokens)
+    return stats.counts_e.numel() * (stats.counts_e * stats.prob_sum_e).sum() / (tokens * tokens * top_k)
+
+
+def _seq_len_and_count(stats: RoutingStats) -> tuple[torch.Tensor, int]:
+    num_seqs = max(stats.seq_counts_re.shape[0], 1)
+    return _clamp1(stats.tokens / num_seqs), num_seqs
+
+
+def seq_aux_loss(scores_te: torch.Tensor, batch: int, slot: int, stats: RoutingStats,
+                 top_k: int) -> torch.Tensor:
+    """This rank's contribution to the mean over sequences of their switch loss; its b
+    sequences are rows [slot*b, (slot+1)*b) of the per-sequence statistics."""
+    num_tokens, num_experts = scores_te.shape
+    seq_len, num_seqs = _seq_len_and_count(stats)
+    mine_be = stats.seq_counts_re[slot * batch:(slot + 1) * batch]
+    f_be = (mine_be / (seq_len * top_k)).to(scores_te.dtype)
+    local_prob_be = scores_te.reshape(batch, num_tokens // max(batch, 1), num_experts).sum(1)
+    return num_experts * (f_be * local_prob_be).sum() / (seq_len * num_seqs).to(scores_te.dtype)
+
+
+def seq_aux_value(stats: RoutingStats, top_k: int) -> torch.Tensor:
+    seq_len, num_seqs = _seq_len_and_count(stats)
+    num_experts = stats.counts_e.numel()
+    per_seq = (stats.seq_counts_re * stats.seq_probs_re).sum()
+    return num_experts * per_seq / (seq_len * seq_len * top_k) / num_seqs
+
+
+def z_loss(logits_te: torch.Tensor, stats: RoutingStats) -> torch.Tensor:
+    return logits_te.logsumexp(-1).pow(2).sum() / _clamp1(stats.tokens).to(logits_te.dtype)
+
+
+def z_value(stats: RoutingStats) -> torch.Tensor:
+    return stats.lse_sq / _clamp1(stats.tokens)
+
+
+def routing_values(stats: RoutingStats, cfg: MoEConfig) -> dict[str, torch.Tensor]:
+    """The logged values of one forward's global statistics, as device tensors (without
+    coefficients): aux_loss (0 when disabled), z_loss, routed, kept, tokens_per_expert."""
+    if cfg.aux_loss_type == "switch":
+        aux = switch_aux_value(stats, cfg.top_k)
+    elif cfg.aux_loss_type == "seq":
+        aux = seq_aux_value(stats, cfg.top_k)
+    else:
+        aux = stats.tokens.new_zeros(())
+    dropped = torch.where(stats.routed > 0, 1.0 - stats.kept / stats.routed.clamp_min(1.0), 0.0)
+    return {"aux_loss": aux, "z_loss": z_value(stats), "num_tokens": stats.tokens,
+            "routed": stats.routed, "kept": stats.kept, "dropped_token_fraction": dropped,
+            "tokens_per_expert": stats.counts_e}
+
+
+class _InjectAuxGrad(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, activation, loss):
-        ctx.loss_dtype = loss.dtype
+    def forward(ctx, activation, scores_te, logits_te, objective: Objective, pending: PendingStats):
+        ctx.save_for_backward(scores_te, logits_te)
+        ctx.objective, ctx.pending = objective, pending
         return activation
 
     @staticmethod
     def backward(ctx, grad):
-        return grad, torch.ones((), dtype=ctx.loss_dtype, device=grad.device)
+        scores_te, logits_te = ctx.saved_tensors
+        stats = ctx.pending.wait()
+        with torch.enable_grad():
+            scores = scores_te.detach().requires_grad_(True)
+            logits = logits_te.detach().requires_grad_(True)
+            loss = ctx.objective(scores, logits, stats)
+            d_scores, d_logits = torch.autograd.grad(loss, (scores, logits), allow_unused=True)
+        return grad, d_scores, d_logits, None, None
 
 
-def attach_aux_loss(activation: torch.Tensor, weighted_loss: torch.Tensor) -> torch.Tensor:
-    """`activation`, with d(weighted_loss)/d(.) added to the backward pass."""
-    if not (weighted_loss.requires_grad and torch.is_grad_enabled()):
+def attach_aux_loss(activation: torch.Tensor, scores_te: torch.Tensor, logits_te: torch.Tensor,
+                    objective: Objective, pending: PendingStats) -> torch.Tensor:
+    """`activation`, with d objective(scores, logits, global stats) / d(scores, logits)
+    added to the backward pass."""
+    if not (torch.is_grad_enabled() and (scores_te.requires_grad or logits_te.requires_grad)):
         return activation
-    return _InjectLossGrad.apply(activation, weighted_loss.float())
-
-
-@dataclass
-class GlobalRoutingStats:
-    """Detached micro-batch statistics summed over the stage (and per sequence over tp_cp)."""
-
-    counts_e: torch.Tensor         # fp64 [E], top-k selections per expert
-    prob_sum_e: torch.Tensor       # fp64 [E], sum_t p_te
-    num_tokens: float              # T over the stage
-    num_routed: float              # T k
-    num_kept: float                # after capacity dropping
-    lse_sq_sum: float              # sum_t logsumexp(z_t)^2
-    num_seqs: float                # B over the stage
-    seq_value_sum: float           # sum over the B sequences of their switch loss
-    seq_counts_be: torch.Tensor | None = None    # fp64 [b, E], per local sequence
-    seq_prob_sum_be: torch.Tensor | None = None  # fp64 [b, E]
-    seq_tokens: float = 0.0                      # s per sequence (over tp_cp)
-
-
-def _seq_sums(routing: Routing, batch: int, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    experts_bn = routing.experts_tk.reshape(batch, -1)
-    counts_be = torch.zeros(batch, num_experts, dtype=torch.float64, device=experts_bn.device)
-    counts_be.scatter_add_(1, experts_bn, torch.ones_like(experts_bn, dtype=torch.float64))
-    prob_be = routing.scores_te.detach().reshape(batch, -1, num_experts).sum(1).double()
-    return counts_be, prob_be
-
-
-def _collect_seq_stats(routing: Routing, batch: int, seq_group) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Per-sequence counts/prob sums of this rank's b sequences, summed over tp_cp."""
-    num_tokens, num_experts = routing.scores_te.shape
-    seq_counts, seq_probs = _seq_sums(routing, batch, num_experts)
-    seq_len = torch.tensor([num_tokens // max(batch, 1)], dtype=torch.float64, device=seq_counts.device)
-    flat = torch.cat([seq_counts.flatten(), seq_probs.flatten(), seq_len])
-    all_reduce_sum_(flat, seq_group)
-    n = batch * num_experts
-    return flat[:n].view(batch, num_experts), flat[n:2 * n].view(batch, num_experts), float(flat[-1])
-
-
-def _seq_value_sum(counts_be: torch.Tensor, prob_be: torch.Tensor, seq_len: float, top_k: int) -> float:
-    """sum over sequences of E sum_i f_bi P_bi."""
-    seq_len = max(seq_len, 1.0)
-    return counts_be.shape[-1] * float((counts_be * prob_be).sum()) / (seq_len * seq_len * top_k)
-
-
-def collect_routing_stats(routing: Routing, batch: int, num_kept: int, *, with_seq: bool,
-                          stage_group=None, seq_group=None) -> GlobalRoutingStats:
-    """One all-reduce over the stage group (after one over tp_cp for the sequence loss)."""
-    num_tokens, num_experts = routing.scores_te.shape
-    top_k = routing.experts_tk.shape[1]
-    seq_stats, seq_value = None, 0.0
-    if with_seq:
-        seq_stats = _collect_seq_stats(routing, batch, seq_group)
-        # Every tp_cp rank holds the same sequences: count each once in the stage sum.
-        seq_value = _seq_value_sum(*seq_stats, top_k) / group_size(seq_group)
-    counts_e = torch.bincount(routing.experts_tk.reshape(-1), minlength=num_experts).double()
-    lse_sq = routing.logits_te.detach().logsumexp(-1).double().pow(2).sum()
-    scalars = torch.tensor([num_tokens, num_tokens * top_k, num_kept, batch, seq_value],
-                           dtype=torch.float64, device=counts_e.device)
-    flat = torch.cat([counts_e, routing.scores_te.detach().sum(0).double(), scalars, lse_sq.view(1)])
-    all_reduce_sum_(flat, stage_group)
-    counts_e, prob_sum_e, rest = flat.split([num_experts, num_experts, 6])
-    tokens, routed, kept, seqs, seq_value_sum, lse_sq_sum = rest.tolist()
-    stats = GlobalRoutingStats(counts_e, prob_sum_e, tokens, routed, kept, lse_sq_sum,
-                               seqs / group_size(seq_group), seq_value_sum)
-    if seq_stats is not None:
-        stats.seq_counts_be, stats.seq_prob_sum_be, stats.seq_tokens = seq_stats
-    return stats
-
-
-def switch_aux_loss(scores_te: torch.Tensor, stats: GlobalRoutingStats, top_k: int) -> tuple[torch.Tensor, float]:
-    """(this rank's differentiable contribution, global value)."""
-    num_experts = scores_te.shape[-1]
-    tokens = max(stats.num_tokens, 1.0)
-    f_e = (stats.counts_e / (tokens * top_k)).to(scores_te.dtype)
-    local = num_experts * (f_e * scores_te.sum(0)).sum() / tokens
-    value = num_experts * float((stats.counts_e * stats.prob_sum_e).sum()) / (tokens * tokens * top_k)
-    return local, value
-
-
-def seq_aux_loss(scores_te: torch.Tensor, batch: int, stats: GlobalRoutingStats,
-                 top_k: int) -> tuple[torch.Tensor, float]:
-    """(this rank's differentiable contribution, global value), mean over sequences."""
-    num_experts = scores_te.shape[-1]
-    seq_len, num_seqs = max(stats.seq_tokens, 1.0), max(stats.num_seqs, 1.0)
-    f_be = (stats.seq_counts_be / (seq_len * top_k)).to(scores_te.dtype)
-    local_prob_be = scores_te.reshape(batch, -1, num_experts).sum(1)
-    local = num_experts * (f_be * local_prob_be).sum() / (seq_len * num_seqs)
-    return local, stats.seq_value_sum / num_seqs
-
-
-def z_loss(logits_te: torch.Tensor, stats: GlobalRoutingStats) -> tuple[torch.Tensor, float]:
-    tokens = max(stats.num_tokens, 1.0)
-    return logits_te.logsumexp(-1).pow(2).sum() / tokens, stats.lse_sq_sum / tokens
+    return _InjectAuxGrad.apply(activation, scores_te, logits_te, objective, pending)

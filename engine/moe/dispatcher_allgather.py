@@ -1,12 +1,18 @@
 """All-gather token dispatcher over the ETP x EP group (Megatron-Core
-MoEAllGatherTokenDispatcher semantics).
+MoEAllGatherTokenDispatcher semantics), with no host read.
 
 Every rank of the dispatcher group gathers all tokens of the group and their
-(token, expert, weight) assignments, runs its local experts (its EP block, its ETP slice
-of F) on the assignments that target them, scatters the weighted outputs into a
-[all tokens, h] buffer and reduce-scatters (sum) it back: each token then holds the sum
-over its k experts and over the F shards. Cheaper than all-to-all for small EP or when
-most tokens are local; traffic grows with the group size.
+(token, expert, weight) slots, runs its local experts (its EP block, its ETP slice of F)
+on the slots that target them, scatters the weighted outputs into a [all tokens, h]
+buffer and reduce-scatters (sum) it back: each token then holds the sum over its k
+experts and over the F shards. Cheaper than all-to-all for small EP or when most tokens
+are local; traffic grows with the group size.
+
+Static shapes: every rank of the group holds the same number of tokens (micro-batches are
+equal and SP/CP shards are equal), hence the same number of slots, so every size is known
+on the host from the shapes. The local slots are found by one stable sort on the device;
+the permuted buffer keeps a row for every gathered slot and the grouped GEMM computes only
+the leading rows of local experts (pad-to-capacity: exactly those rows, a static count).
 """
 from __future__ import annotations
 
@@ -15,8 +21,8 @@ from torch import nn
 
 from engine.parallel.traffic import Link
 
-from .assignment import Assignments
-from .comm import CommCounter, all_gather_counts, all_gather_v, group_rank, group_size, reduce_scatter_v
+from .assignment import Assignments, count_per_key
+from .comm import CommCounter, all_gather_v, group_rank, group_size, reduce_scatter_v
 from .dispatcher_local import combine_tokens, permute_tokens
 from .experts import GroupedExperts
 
@@ -33,24 +39,33 @@ class AllGatherDispatcher(nn.Module):
         first = group_rank(self.ep_group) * num_local
         return first, first + num_local
 
-    def forward(self, x_th: torch.Tensor, assign: Assignments, experts: GroupedExperts) -> torch.Tensor:
-        group, counter = self.dispatch_group, self.counter
-        local_sizes = torch.tensor([x_th.shape[0], assign.token_n.numel()], device=x_th.device)
-        sizes = all_gather_counts(local_sizes, group, counter)           # [n, (tokens, assignments)]
-        token_sizes, assign_sizes = sizes[:, 0].tolist(), sizes[:, 1].tolist()
+    def _gather_slots(self, assign: Assignments, num_tokens: int):
+        """Every rank's slots: (token row in the gathered tokens, global expert, weight)."""
+        group, counter, n = self.dispatch_group, self.counter, group_size(self.dispatch_group)
+        num_slots = assign.token_n.numel()
+        ids_n2 = all_gather_v(torch.stack([assign.token_n, assign.expert_n], 1), [num_slots] * n,
+                              group, counter)
+        prob_all = all_gather_v(assign.prob_n, [num_slots] * n, group, counter)
+        owner_offset = torch.arange(n, device=ids_n2.device).repeat_interleave(num_slots) * num_tokens
+        return ids_n2[:, 0] + owner_offset, ids_n2[:, 1], prob_all
 
-        x_all = all_gather_v(x_th, token_sizes, group, counter)                      # [T_all, h]
-        token_offsets = torch.cumsum(sizes[:, 0], 0) - sizes[:, 0]
-        owner_n = torch.arange(len(assign_sizes), device=x_th.device).repeat_interleave(sizes[:, 1])
-        token_all = all_gather_v(assign.token_n, assign_sizes, group, counter) + token_offsets[owner_n]
-        expert_all = all_gather_v(assign.expert_n, assign_sizes, group, counter)
-        prob_all = all_gather_v(assign.prob_n, assign_sizes, group, counter)
+    def forward(self, x_th: torch.Tensor, assign: Assignments, experts: GroupedExperts) -> torch.Tensor:
+        group, counter, n = self.dispatch_group, self.counter, group_size(self.dispatch_group)
+        num_tokens = x_th.shape[0]
+        x_all = all_gather_v(x_th, [num_tokens] * n, group, counter)                # [n T, h]
+        token_all, expert_all, prob_all = self._gather_slots(assign, num_tokens)
 
         first, last = self._local_expert_range()
-        mine = torch.nonzero((expert_all >= first) & (expert_all < last)).squeeze(1)
-        local_expert = expert_all[mine] - first
-        order = mine[torch.sort(local_expert, stable=True).indices]
-        counts = torch.bincount(expert_all[order] - first, minlength=last - first).tolist()
-        y_nh = experts(permute_tokens(x_all, token_all[order]), counts)
-        y_all = combine_tokens(y_nh, token_all[order], prob_all[order], x_all.shape[0])
-        return reduce_scatter_v(y_all, token_sizes, group, counter)
+        num_local = last - first
+        local_expert = expert_all - first
+        mine = (local_expert >= 0) & (local_expert < num_local)
+        key = torch.where(mine, local_expert, num_local)      # other ranks' slots sort last
+        order = torch.sort(key, stable=True).indices
+        counts = count_per_key(key, num_local)
+        has_tail = assign.slots_per_expert is None
+        if not has_tail:                                      # pad-to-capacity: static count
+            order = order[:n * num_local * assign.slots_per_expert]
+        rows = token_all[order]
+        y_nh = experts(permute_tokens(x_all, rows), counts, has_tail=has_tail)
+        y_all = combine_tokens(y_nh, rows, prob_all[order], x_all.shape[0])
+        return reduce_scatter_v(y_all, [num_tokens] * n, group, counter)

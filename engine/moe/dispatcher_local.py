@@ -1,8 +1,11 @@
-"""Local token dispatcher (EP = 1): the reference every parallel dispatcher must match.
+"""Local token dispatcher (EP = 1) and the permute/combine steps every dispatcher shares.
 
-A dispatcher is called as `dispatcher(x_th, assignments, experts) -> y_th`:
-permute tokens into expert order, run the grouped experts, weight each output row by
-its combine probability and sum the k rows of every token back into place.
+A dispatcher is called as `dispatcher(x_th, assignments, experts) -> y_th`. The
+assignments already hold the one sort from tokens to expert-major order (token_n, see
+assignment.py); permuting is a gather along it and combining (unpermuting) is the
+weighted scatter-add back, so no dispatcher loops over experts or ranks in Python. The
+local dispatcher makes no host read: the grouped experts take the counts as a device
+tensor, and dropped slots at the tail come back as zeros with weight 0.
 """
 from __future__ import annotations
 
@@ -32,5 +35,5 @@ class LocalDispatcher(nn.Module):
 
     def forward(self, x_th: torch.Tensor, assign: Assignments, experts: GroupedExperts) -> torch.Tensor:
         x_nh = permute_tokens(x_th, assign.token_n)
-        y_nh = experts(x_nh, assign.counts_e.tolist())
+        y_nh = experts(x_nh, assign.counts_e, has_tail=assign.has_tail)
         return combine_tokens(y_nh, assign.token_n, assign.prob_n, x_th.shape[0])

@@ -8,11 +8,15 @@ part of the checkpoint/init contract. Parallelism is installed from outside by
 the layer itself holds no process group unless given one.
 
 Aux/z losses are injected into backward (see aux_loss.py for the layout-invariant
-semantics). Statistics are recorded once per micro-batch: a forward re-run by activation
-checkpointing happens inside the backward pass and is detected as such (`is_recomputing`),
-so it neither records statistics nor counts tokens for the expert-bias update twice.
+semantics). Routing statistics stay on the device (routing_stats.py): one record per
+micro-batch, read and reset once per step by engine.moe.tracking. A forward re-run by
+activation checkpointing happens inside the backward pass and is detected as such
+(`is_recomputing`), so it neither records statistics nor counts tokens for the
+expert-bias update twice.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -21,17 +25,25 @@ from engine.config.model import MoEConfig
 from engine.layers import SwiGLU
 
 from .assignment import Assignments, build_assignments
-from .aux_loss import (GlobalRoutingStats, attach_aux_loss, collect_routing_stats, seq_aux_loss,
-                       switch_aux_loss, z_loss)
+from .aux_loss import attach_aux_loss, routing_values, seq_aux_loss, switch_aux_loss, z_loss
 from .dispatcher_local import LocalDispatcher
 from .experts import GroupedExperts
 from .router import Routing, TopKRouter
+from .routing_stats import PendingStats, StatsLayout, local_routing_stats, seq_slot
 
 
 def is_recomputing() -> bool:
     """True while the autograd engine runs a backward pass, i.e. when a forward is a
     checkpoint recomputation (reentrant or not). Eval and first-pass forwards are not."""
     return torch._C._current_graph_task_id() != -1
+
+
+@dataclass
+class RoutingRecord:
+    """The statistics of one recorded forward (one micro-batch of this layer)."""
+    pending: PendingStats
+    training: bool
+    bias_counted: bool = False
 
 
 class MoELayer(nn.Module):
@@ -51,9 +63,10 @@ class MoELayer(nn.Module):
         self.aux_loss_scale = 1.0      # the trainer sets 1 / num_microbatches
         self.stage_group = None        # mesh "stage" group: statistics of one micro-batch
         self.seq_group = None          # mesh "tp_cp" group: ranks that share a sequence
-        self.last_stats: dict = {}
-        self.reset_stats()
-        self.reset_bias_counts()
+        self.step_records: list[RoutingRecord] = []
+        # fp64 [E] selections of this step's finalised training records (expert bias only);
+        # None until the first one, so a meta-device build allocates nothing here.
+        self.bias_counts_e: torch.Tensor | None = None
 
     # ---- forward -------------------------------------------------------------------
     def forward(self, x_bsh: torch.Tensor, token_groups_bs: torch.Tensor | None = None) -> torch.Tensor:
@@ -63,20 +76,19 @@ class MoELayer(nn.Module):
         x_th = x_bsh.reshape(batch * seq, hidden)
         routing = self.router(x_th)
         assign = self._assign(routing, token_groups_bs)
-        stats = collect_routing_stats(
-            routing, batch, assign.num_kept, with_seq=self.cfg.aux_loss_type == "seq",
-            stage_group=self.stage_group, seq_group=self.seq_group)
+        objective = self._objective(batch) if torch.is_grad_enabled() else None
+        # Started before the dispatch so that the reduction overlaps the expert compute.
+        pending = self._start_stats(routing, batch, assign, reduce_now=objective is not None)
         y_bsh = self.dispatcher(x_th, assign, self.experts).view(batch, seq, hidden).to(x_bsh.dtype)
         if self.shared_experts is not None:
             shared_bsh = self.shared_experts(x_bsh)
             if self.shared_expert_gate is not None:
                 shared_bsh = torch.sigmoid(self.shared_expert_gate(x_bsh)) * shared_bsh
             y_bsh = y_bsh + shared_bsh
-        weighted, values = self._aux_losses(routing, batch, stats)
-        if weighted is not None:
-            y_bsh = attach_aux_loss(y_bsh, weighted)
+        if objective is not None:
+            y_bsh = attach_aux_loss(y_bsh, routing.scores_te, routing.logits_te, objective, pending)
         if not is_recomputing():
-            self._record(stats, values)
+            self.step_records.append(RoutingRecord(pending, self.training))
         return y_bsh
 
     def _assign(self, routing: Routing, token_groups_bs: torch.Tensor | None) -> Assignments:
@@ -85,58 +97,62 @@ class MoELayer(nn.Module):
                                  self.cfg.capacity_factor, self.cfg.drop_policy,
                                  self.cfg.pad_to_capacity, groups_t)
 
-    def _aux_losses(self, routing: Routing, batch: int, stats: GlobalRoutingStats):
-        """(coeff-weighted, scaled local loss to inject or None, logged global values)."""
-        cfg, k = self.cfg, self.cfg.top_k
-        terms, values = [], {"aux_loss": 0.0}
-        if cfg.aux_loss_type != "none":
-            loss_fn = switch_aux_loss if cfg.aux_loss_type == "switch" else seq_aux_loss
-            args = (routing.scores_te, stats, k) if loss_fn is switch_aux_loss else (
-                routing.scores_te, batch, stats, k)
-            local, values["aux_loss"] = loss_fn(*args)
-            if cfg.aux_loss_coeff > 0:
-                terms.append(cfg.aux_loss_coeff * local)
-        local_z, values["z_loss"] = z_loss(routing.logits_te, stats)
-        if cfg.z_loss_coeff > 0:
-            terms.append(cfg.z_loss_coeff * local_z)
-        weighted = sum(terms) * self.aux_loss_scale if terms else None
-        return weighted, values
+    def _seq_slot(self) -> tuple[int, int]:
+        return seq_slot(self.stage_group, self.seq_group)
+
+    def stats_layout(self, batch: int) -> StatsLayout:
+        seq_rows = self._seq_slot()[1] * batch if self.cfg.aux_loss_type == "seq" else 0
+        return StatsLayout(self.cfg.num_experts, seq_rows)
+
+    def _start_stats(self, routing: Routing, batch: int, assign: Assignments, reduce_now: bool) -> PendingStats:
+        slot, num_slots = self._seq_slot()
+        flat = local_routing_stats(routing, batch, assign.num_kept, self.stats_layout(batch), slot, num_slots)
+        return PendingStats(flat, self.stats_layout(batch), self.stage_group, reduce_now)
+
+    def _objective(self, batch: int):
+        """objective(scores, logits, global stats) -> coefficient-weighted, scaled local
+        loss, or None when no aux/z term has a coefficient."""
+        cfg, k, scale = self.cfg, self.cfg.top_k, self.aux_loss_scale
+        aux_coeff = cfg.aux_loss_coeff if cfg.aux_loss_type != "none" else 0.0
+        if aux_coeff <= 0 and cfg.z_loss_coeff <= 0:
+            return None
+        slot = self._seq_slot()[0]
+
+        def objective(scores_te, logits_te, stats):
+            total = scores_te.new_zeros(())
+            if aux_coeff > 0 and cfg.aux_loss_type == "switch":
+                total = total + aux_coeff * switch_aux_loss(scores_te, stats, k)
+            elif aux_coeff > 0:
+                total = total + aux_coeff * seq_aux_loss(scores_te, batch, slot, stats, k)
+            if cfg.z_loss_coeff > 0:
+                total = total + cfg.z_loss_coeff * z_loss(logits_te, stats)
+            return total * scale
+        return objective
 
     # ---- statistics ----------------------------------------------------------------
     def reset_stats(self) -> None:
-        """Clears the accumulators read by `moe_stats` (the trainer does this per step)."""
-        num_experts = self.cfg.num_experts
-        self.stats_acc = {"forwards": 0, "tokens_per_expert": torch.zeros(num_experts, dtype=torch.float64, device="cpu"),
-                          "routed": 0.0, "kept": 0.0, "aux_loss": 0.0, "z_loss": 0.0}
+        """Drops the records of this step (engine.moe.tracking.moe_stats does this)."""
+        self.step_records = []
 
     def reset_bias_counts(self) -> None:
-        # On the CPU explicitly, like the counts added to it: the layer is built under a
-        # meta-device context (engine.compose), and a meta accumulator cannot be updated.
-        self.bias_counts_e = torch.zeros(self.cfg.num_experts, dtype=torch.float64, device="cpu")
+        self.bias_counts_e = None     # created on the device of the first counts (update_expert_bias)
 
-    @torch.no_grad()
-    def _record(self, stats: GlobalRoutingStats, values: dict) -> None:
-        counts_e = stats.counts_e.cpu()
-        dropped = 1.0 - stats.num_kept / stats.num_routed if stats.num_routed else 0.0
-        self.last_stats = {"tokens_per_expert": counts_e.clone(), "num_tokens": stats.num_tokens,
-                           "dropped_token_fraction": dropped, **values}
-        acc = self.stats_acc
-        acc["forwards"] += 1
-        acc["tokens_per_expert"] += counts_e
-        acc["routed"] += stats.num_routed
-        acc["kept"] += stats.num_kept
-        acc["aux_loss"] += values["aux_loss"]
-        acc["z_loss"] += values["z_loss"]
-        if self.training and self.router.expert_bias is not None:
-            # Already summed over the stage group, so the bias update needs no collective.
-            self.bias_counts_e += counts_e
+    @property
+    def last_stats(self) -> dict:
+        """The last recorded forward's global statistics as Python values (reads the host;
+        for inspection and tests - the training loop reads engine.moe.tracking.moe_stats)."""
+        values = routing_values(self.step_records[-1].pending.wait(), self.cfg)
+        out = {k: float(v) for k, v in values.items() if k != "tokens_per_expert"}
+        out["tokens_per_expert"] = values["tokens_per_expert"].cpu()
+        return out
 
     @torch.no_grad()
     def update_expert_bias(self) -> None:
-        """bias += rate * sign(mean_count - count) (DeepSeek-V3 aux-loss-free balancing)."""
+        """bias += rate * sign(mean_count - count) (DeepSeek-V3 aux-loss-free balancing),
+        with the counts of the finalised training records of this step."""
         bias = self.router.expert_bias
-        if bias is None:
+        if bias is None or self.bias_counts_e is None:
             return
-        counts = self.bias_counts_e
+        counts = self.bias_counts_e.to(bias.device)
         bias += self.cfg.bias_update_rate * torch.sign(counts.mean() - counts).to(bias)
         self.reset_bias_counts()

@@ -11,15 +11,14 @@ import time
 
 import torch
 import torch.distributed as dist
-
 from torch import nn
 
 from engine.config.model import ModelConfig
 from engine.config.train import TrainConfig
 from engine.metrics import model_flops_per_iteration
 from engine.metrics.memory import param_bytes
-from engine.moe.tracking import (load_imbalance_by_layer, moe_stats, set_aux_loss_scale,
-                                 update_expert_biases)
+from engine.moe.tracking import (finalize_routing_stats, layer_imbalance_tensors, moe_stats_tensors,
+                                 set_aux_loss_scale, update_expert_biases)
 from engine.optim import FoldedOptimizer
 from engine.parallel.axes import Axis
 from engine.parallel.mesh import FoldedMesh
@@ -118,38 +117,51 @@ class Trainer:
         """Completes the gradient reductions of the step (overlapped ones started in backward)."""
         self.optimizer.finish_grad_sync()
 
-    def _moe_loss_terms(self) -> tuple[float, float, dict]:
-        """This stage's aux and z loss as they enter the objective (coefficient x sum over layers)."""
-        stats = moe_stats(self.chunks)
+    def _moe_loss_terms(self) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """This stage's aux and z loss as they enter the objective (coefficient x sum over
+        layers) and its routing statistics, all 0-d tensors on the model's device."""
+        stats = moe_stats_tensors(self.chunks)
+        zero = torch.zeros((), dtype=torch.float64, device=self.device)
         n_layers = sum(len(chunk.moe_layers()) for chunk in self.chunks)
         moe = self.model_cfg.moe
         aux_coeff = 0.0 if moe.aux_loss_type == "none" else moe.aux_loss_coeff
-        aux = aux_coeff * stats.get("aux_loss", 0.0) * n_layers
-        return aux, moe.z_loss_coeff * stats.get("z_loss", 0.0) * n_layers, stats
+        aux = aux_coeff * stats.get("aux_loss", zero) * n_layers
+        return aux, moe.z_loss_coeff * stats.get("z_loss", zero) * n_layers, stats
 
-    def _step_metrics(self, lm_loss: torch.Tensor, grad_norm: float, lr: float) -> dict:
-        by_layer = load_imbalance_by_layer(self.chunks)   # before _moe_loss_terms resets them
-        aux, z, stats = self._moe_loss_terms()
-        # LM loss: sum over dp x cp (replicated over tp), then over pp (0 off the last stage).
-        # MoE terms are already global per stage; stages hold different layers: sum over pp.
-        values = torch.tensor([lm_loss.item(), aux, z], dtype=torch.float64)
-        dist.all_reduce(values[:1], group=self.mesh.group(Axis.DP_CP))
-        dist.all_reduce(values, group=self.mesh.group(Axis.PP))
-        lm, aux, z = values.tolist()
-        # Worst stage for the load statistics (identical within a stage); each layer lives on
-        # one stage and reads 0 elsewhere, so the same MAX gathers the per-layer imbalance.
-        layers = torch.zeros(self.model_cfg.num_layers, dtype=torch.float64)
-        for layer_id, value in by_layer.items():
-            layers[layer_id] = value
-        worst = torch.cat([torch.tensor([stats.get("dropped_token_fraction", 0.0),
-                                         stats.get("load_imbalance_max", 0.0)],
-                                        dtype=torch.float64), layers])
-        dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=self.mesh.group(Axis.PP))
+    def _step_metrics(self, lm_loss: torch.Tensor, grad_norm: float, lr: float) -> dict[str, float]:
+        """Global step metrics from one vector on the model's device: one SUM over the stage
+        and one all-gather over pp (each skipped at size 1), then one host read."""
+        finalize_routing_stats(self.chunks)
         moe_ids = [i for i in range(self.model_cfg.num_layers) if self.model_cfg.is_moe_layer(i)]
+        by_layer = layer_imbalance_tensors(self.chunks)   # before _moe_loss_terms resets them
+        aux, z, stats = self._moe_loss_terms()
+        zero = torch.zeros((), dtype=torch.float64, device=self.device)
+        # Each MoE layer lives on one stage and reads 0 on the others: the MAX over pp below
+        # gathers the per-layer imbalance with the load statistics.
+        local = torch.stack([lm_loss.to(self.device, torch.float64), aux.to(torch.float64),
+                             z.to(torch.float64), stats.get("dropped_token_fraction", zero),
+                             stats.get("load_imbalance_max", zero),
+                             *(by_layer.get(i, zero) for i in moe_ids)]).to(torch.float64)
+        # The LM loss is replicated over tp (counted by tp rank 0), the MoE terms over the whole
+        # stage (counted by stage rank 0), so the stage SUM gives the sum over dp x cp and
+        # the stage's MoE values; stages hold different layers: sum (max for the load
+        # statistics) over pp, 0 off the last stage for the LM loss.
+        mesh = self.mesh
+        counted = torch.tensor([mesh.rank_in(Axis.TP) == 0]
+                               + [mesh.rank_in(Axis.STAGE) == 0] * (local.numel() - 1), device=self.device)
+        values = torch.where(counted, local, zero)
+        if mesh.size(Axis.STAGE) > 1:
+            dist.all_reduce(values, group=mesh.group(Axis.STAGE))
+        if mesh.size(Axis.PP) > 1:
+            per_stage = values.new_empty(mesh.size(Axis.PP) * values.numel())
+            dist.all_gather_into_tensor(per_stage, values, group=mesh.group(Axis.PP))
+            per_stage = per_stage.view(mesh.size(Axis.PP), -1)
+            values = torch.cat([per_stage[:, :3].sum(0), per_stage[:, 3:].amax(0)])
+        lm, aux, z, dropped, imbalance, *layers = values.tolist()
         return {"loss": lm + aux + z, "lm_loss": lm, "aux_loss": aux, "z_loss": z,
                 "grad_norm": float(grad_norm), "lr": float(lr), "tokens": float(self.global_tokens),
-                "dropped_token_fraction": worst[0].item(), "load_imbalance": worst[1].item(),
-                "load_imbalance_by_layer": {i: worst[2 + i].item() for i in moe_ids},
+                "dropped_token_fraction": dropped, "load_imbalance": imbalance,
+                "load_imbalance_by_layer": dict(zip(moe_ids, layers)),
                 "model_flops": float(self.model_flops)}
 
     def checkpoint_state(self) -> dict:

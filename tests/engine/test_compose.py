@@ -39,8 +39,8 @@ _SCRIPT = textwrap.dedent("""
     dist.init_process_group("fake", rank=3, world_size=layout["world_size"], store=FakeStore())
     mesh = FoldedMesh(ParallelConfig(**layout))     # fake groups: one rank of the world
     cpu = torch.device("cpu")
-    with torch.device("meta"):                      # first use of the meta device loads ~150 MB
-        MoETransformer(get_preset("tiny-moe"))      # of torch machinery: part of the baseline
+    with torch.device("meta"):                      # one-time costs of the first meta build
+        MoETransformer(get_preset("tiny-moe"))      # belong to the baseline
     reset_peak_memory(cpu)
     baseline = peak_memory_bytes(cpu)               # interpreter + torch + the mesh
     reset_peak_memory(cpu)

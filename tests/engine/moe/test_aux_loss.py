@@ -14,10 +14,11 @@ import math
 import torch
 
 from engine.config.model import MoEConfig
-from engine.moe.aux_loss import (attach_aux_loss, collect_routing_stats, seq_aux_loss, switch_aux_loss,
-                                 z_loss)
+from engine.moe.aux_loss import (attach_aux_loss, seq_aux_loss, seq_aux_value, switch_aux_loss,
+                                 switch_aux_value, z_loss, z_value)
 from engine.moe.layer import MoELayer
 from engine.moe.router import Routing
+from engine.moe.routing_stats import PendingStats, StatsLayout, local_routing_stats
 
 SCORES = torch.tensor([[0.75, 0.25], [0.5, 0.5], [0.2, 0.8], [0.4, 0.6]])
 EXPERTS = torch.tensor([[0], [0], [1], [0]])
@@ -28,40 +29,51 @@ def _routing(logits=None):
     return Routing(logits, SCORES, torch.ones(4, 1), EXPERTS)
 
 
+def _stats(routing, with_seq):
+    layout = StatsLayout(2, 2 if with_seq else 0)
+    flat = local_routing_stats(routing, 2, torch.tensor(4), layout)
+    return PendingStats(flat, layout, None, reduce_now=True).wait()
+
+
 def test_switch_aux_value_and_local_term():
-    stats = collect_routing_stats(_routing(), batch=2, num_kept=4, with_seq=False)
-    local, value = switch_aux_loss(SCORES, stats, top_k=1)
-    assert math.isclose(value, 0.9625, rel_tol=1e-6)  # fp32 inputs
+    stats = _stats(_routing(), with_seq=False)
+    assert math.isclose(float(switch_aux_value(stats, top_k=1)), 0.9625, rel_tol=1e-6)  # fp32 inputs
     # Single process: the local contribution is the whole loss.
-    assert math.isclose(float(local), 0.9625, rel_tol=1e-6)
+    assert math.isclose(float(switch_aux_loss(SCORES, stats, top_k=1)), 0.9625, rel_tol=1e-6)
 
 
 def test_seq_aux_value_and_local_term():
-    stats = collect_routing_stats(_routing(), batch=2, num_kept=4, with_seq=True)
-    local, value = seq_aux_loss(SCORES, 2, stats, top_k=1)
-    assert math.isclose(value, 1.125, rel_tol=1e-6)  # fp32 inputs
-    assert math.isclose(float(local), 1.125, rel_tol=1e-6)
+    stats = _stats(_routing(), with_seq=True)
+    assert math.isclose(float(seq_aux_value(stats, top_k=1)), 1.125, rel_tol=1e-6)  # fp32 inputs
+    assert math.isclose(float(seq_aux_loss(SCORES, 2, 0, stats, top_k=1)), 1.125, rel_tol=1e-6)
 
 
 def test_z_loss_value():
     logits = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0], [0.0, 0.0], [0.0, 0.0]])
-    stats = collect_routing_stats(_routing(logits), batch=2, num_kept=4, with_seq=False)
-    local, value = z_loss(logits, stats)
+    stats = _stats(_routing(logits), with_seq=False)
     # lse = ln 2, ln 4, ln 2, ln 2
     expected = (3 * math.log(2.0) ** 2 + math.log(4.0) ** 2) / 4
-    assert math.isclose(value, expected, rel_tol=1e-6)  # fp32 logits
-    assert math.isclose(float(local), expected, rel_tol=1e-6)
+    assert math.isclose(float(z_value(stats)), expected, rel_tol=1e-6)  # fp32 logits
+    assert math.isclose(float(z_loss(logits, stats)), expected, rel_tol=1e-6)
 
 
-def test_attach_injects_the_gradient_of_the_loss():
-    w = torch.randn(3, requires_grad=True)
+def test_attach_injects_the_gradient_of_the_objective():
+    scores = SCORES.clone().requires_grad_(True)
+    logits = SCORES.log().requires_grad_(True)
     act = torch.randn(3, requires_grad=True)
-    (attach_aux_loss(act * 2, (w ** 2).sum() * 0.1).sum()).backward()
-    injected_w, injected_act = w.grad.clone(), act.grad.clone()
-    w.grad, act.grad = None, None
-    ((act * 2).sum() + (w ** 2).sum() * 0.1).backward()
-    torch.testing.assert_close(injected_w, w.grad)
-    torch.testing.assert_close(injected_act, act.grad)
+    stats = _stats(_routing(), with_seq=False)
+
+    def objective(s, z, st):
+        return 0.1 * switch_aux_loss(s, st, 1) + 0.01 * z_loss(z, st)
+    layout = StatsLayout(2, 0)
+    pending = PendingStats(local_routing_stats(_routing(), 2, torch.tensor(4), layout), layout, None,
+                           reduce_now=True)
+    attach_aux_loss(act * 2, scores, logits, objective, pending).sum().backward()
+    injected = scores.grad.clone(), logits.grad.clone(), act.grad.clone()
+    scores.grad = logits.grad = act.grad = None
+    ((act * 2).sum() + objective(scores, logits, stats)).backward()
+    for got, want in zip(injected, (scores.grad, logits.grad, act.grad)):
+        torch.testing.assert_close(got, want)
 
 
 def _layer(**kw):

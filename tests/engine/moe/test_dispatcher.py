@@ -4,15 +4,15 @@ import torch
 from engine.moe.assignment import build_assignments
 from engine.moe.dispatcher_alltoall import inverse_permutation, sort_by_local_expert
 from engine.moe.dispatcher_local import LocalDispatcher, combine_tokens, permute_tokens
-from engine.moe.experts import grouped_swiglu
 
 
 class _Identity:
-    """Stands in for the experts: returns its input, checks the counts add up."""
+    """Stands in for the experts: returns its input (zeros past the counts), checks sizes."""
 
-    def __call__(self, x_nh, counts):
-        assert sum(counts) == x_nh.shape[0]
-        return x_nh
+    def __call__(self, x_nh, counts_e, has_tail=False):
+        valid = int(counts_e.sum())
+        assert valid == x_nh.shape[0] or (has_tail and valid < x_nh.shape[0])
+        return torch.cat([x_nh[:valid], torch.zeros_like(x_nh[valid:])])
 
 
 def test_sort_by_local_expert_groups_rows_and_inverts():
@@ -41,14 +41,10 @@ def test_permute_combine_round_trip_with_renormalised_weights():
     torch.testing.assert_close(y, 2 * x)                      # k = 2 copies summed
 
 
-def test_grouped_swiglu_matches_per_expert_swiglu_and_handles_empty_experts():
-    torch.manual_seed(0)
-    w_gate, w_up, w_down = torch.randn(3, 4, 5), torch.randn(3, 4, 5), torch.randn(3, 5, 4)
-    x = torch.randn(4, 4)
-    counts = [1, 0, 3]
-    y = grouped_swiglu(x, counts, w_gate, w_up, w_down)
-    expected = torch.cat([
-        (torch.nn.functional.silu(x[:1] @ w_gate[0]) * (x[:1] @ w_up[0])) @ w_down[0],
-        (torch.nn.functional.silu(x[1:] @ w_gate[2]) * (x[1:] @ w_up[2])) @ w_down[2]])
-    torch.testing.assert_close(y, expected)
-    assert grouped_swiglu(x[:0], [0, 0, 0], w_gate, w_up, w_down).shape == (0, 4)
+def test_dropped_tail_contributes_nothing():
+    # 3 tokens all pick expert 0 (k=1), capacity ceil(3/2 * 1) = 2: token 2 is dropped.
+    probs, experts = torch.ones(3, 1), torch.zeros(3, 1, dtype=torch.long)
+    a = build_assignments(probs, experts, 2, capacity_factor=1.0, drop_policy="position")
+    x = torch.randn(3, 4)
+    y = LocalDispatcher()(x, a, _Identity())
+    torch.testing.assert_close(y, torch.cat([x[:2], torch.zeros(1, 4)]))
