@@ -25,7 +25,7 @@ from engine.config.model import MoEConfig
 from engine.layers import SwiGLU
 
 from .assignment import Assignments, build_assignments
-from .aux_loss import attach_aux_loss, routing_values, seq_aux_loss, switch_aux_loss, z_loss
+from .aux_loss import attach_aux_loss, seq_aux_loss, switch_aux_loss, z_loss
 from .dispatcher_local import LocalDispatcher
 from .experts import GroupedExperts
 from .router import Routing, TopKRouter
@@ -136,15 +136,6 @@ class MoELayer(nn.Module):
 
     def reset_bias_counts(self) -> None:
         self.bias_counts_e = None     # created on the device of the first counts (update_expert_bias)
-
-    @property
-    def last_stats(self) -> dict:
-        """The last recorded forward's global statistics as Python values (reads the host;
-        for inspection and tests - the training loop reads engine.moe.tracking.moe_stats)."""
-        values = routing_values(self.step_records[-1].pending.wait(), self.cfg)
-        out = {k: float(v) for k, v in values.items() if k != "tokens_per_expert"}
-        out["tokens_per_expert"] = values["tokens_per_expert"].cpu()
-        return out
 
     @torch.no_grad()
     def update_expert_bias(self) -> None:

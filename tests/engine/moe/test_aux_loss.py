@@ -20,6 +20,8 @@ from engine.moe.layer import MoELayer
 from engine.moe.router import Routing
 from engine.moe.routing_stats import PendingStats, StatsLayout, local_routing_stats
 
+from .last_stats import last_stats
+
 SCORES = torch.tensor([[0.75, 0.25], [0.5, 0.5], [0.2, 0.8], [0.4, 0.6]])
 EXPERTS = torch.tensor([[0], [0], [1], [0]])
 
@@ -103,7 +105,7 @@ def test_layer_router_grad_matches_independent_switch_formula():
     f = chosen.sum(0) / (10 * 2)
     (coeff * 4 * (f * probs.mean(0)).sum()).backward()
     torch.testing.assert_close(grad, w.grad, rtol=1e-5, atol=1e-7)
-    assert math.isclose(layer.last_stats["aux_loss"], float(4 * (f * probs.mean(0)).sum().detach()), rel_tol=1e-5)
+    assert math.isclose(last_stats(layer)["aux_loss"], float(4 * (f * probs.mean(0)).sum().detach()), rel_tol=1e-5)
 
 
 def test_aux_loss_scale_scales_the_injected_gradient():
@@ -126,6 +128,6 @@ def test_pad_to_capacity_does_not_change_aux_loss():
     values = []
     for pad in (False, True):
         layer = _layer(aux_loss_type="seq", capacity_factor=1.0, pad_to_capacity=pad)
-        values.append((_router_grad_from_aux_only(layer, x), layer.last_stats["aux_loss"]))
+        values.append((_router_grad_from_aux_only(layer, x), last_stats(layer)["aux_loss"]))
     torch.testing.assert_close(values[0][0], values[1][0])
     assert values[0][1] == values[1][1]

@@ -22,6 +22,8 @@ from engine.parallel.param_attrs import is_expert, set_reduce_axes
 from engine.testing.grads import TrainingGradSync
 from engine.testing.multiprocess import run_distributed
 
+from .last_stats import last_stats
+
 HIDDEN, BATCH, SEQ = 16, 4, 8
 # fp32 with a different summation order (all-reduce of grads, index_add order): ~1e-6 rel.
 RTOL, ATOL = 1e-5, 1e-6
@@ -120,10 +122,10 @@ def _compare(ref, layer, mesh, ref_out, loc_out, token_slices, dispatch_bytes) -
         for (name, p_loc), p_ref in zip(layer.shared_experts.named_parameters(), ref.shared_experts.parameters()):
             check(f"shared.{name}_grad", p_loc.grad, p_ref.grad)
     for key in ("aux_loss", "z_loss", "dropped_token_fraction"):
-        check(key, torch.tensor(layer.last_stats[key]), torch.tensor(ref.last_stats[key]))
-    check("tokens_per_expert", layer.last_stats["tokens_per_expert"], ref.last_stats["tokens_per_expert"])
+        check(key, torch.tensor(last_stats(layer)[key]), torch.tensor(last_stats(ref)[key]))
+    check("tokens_per_expert", last_stats(layer)["tokens_per_expert"], last_stats(ref)["tokens_per_expert"])
     return {"errors": errors, "failures": failures, "bytes_sent": dispatch_bytes,
-            "ref_dropped": ref.last_stats["dropped_token_fraction"]}
+            "ref_dropped": last_stats(ref)["dropped_token_fraction"]}
 
 
 def _parity_worker(rank, world, cases):
