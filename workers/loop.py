@@ -22,7 +22,7 @@ from engine.compose import build_trainer
 from engine.hf.reader import HFWeightSource
 from engine.config.job import JobSpec
 from engine.data import TokenDataset
-from engine.metrics import mfu, peak_flops_per_device, tflops_per_device
+from engine.metrics.peak import mfu, peak_flops_per_device, tflops_per_device
 from engine.metrics.memory import peak_memory_bytes
 from engine.models.transformer import count_parameters
 from engine.parallel.mesh import FoldedMesh

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from engine.pipeline import PipelineExecutor, build_schedule, check_schedule
+from engine.pipeline.executor import PipelineExecutor
+from engine.pipeline.schedules import build_schedule
+from engine.pipeline.verify import check_schedule
 
 
 def activation_shape(trainer) -> tuple[int, int, int]:

@@ -15,7 +15,7 @@ from torch import nn
 
 from engine.config.model import ModelConfig
 from engine.config.train import TrainConfig
-from engine.metrics import model_flops_per_iteration
+from engine.metrics.flops import model_flops_per_iteration
 from engine.metrics.memory import param_bytes
 from engine.moe.tracking import (finalize_routing_stats, layer_imbalance_tensors, moe_stats_tensors,
                                  set_aux_loss_scale, update_expert_biases)

@@ -7,7 +7,7 @@ checked against the published active-parameter counts.
 """
 import pytest
 
-from engine.metrics import model_flops_per_iteration
+from engine.metrics.flops import model_flops_per_iteration
 from engine.config.model import get_preset
 
 REL = 1e-12  # float(int) conversion only

@@ -5,7 +5,7 @@ import time
 import pytest
 import torch
 
-from engine.metrics import mfu, peak_flops_for_name, peak_flops_per_device, tflops_per_device
+from engine.metrics.peak import mfu, peak_flops_for_name, peak_flops_per_device, tflops_per_device
 from engine.metrics.calibration import CACHE_FILE, cache_dir, calibration_key
 from engine.metrics.peak import PEAK_FLOPS, PEAK_SOURCES
 
