@@ -27,6 +27,7 @@ from workers.events import EventTail
 from .config import ConfigError, RunConfig, add_config_arguments, flatten, load_config
 from .errors import EXIT_CONFIG
 from .observer import JobObserver
+from .resume_checks import check_resumable, completed_step, latest_checkpoint_path
 from .paths import durable_paths, in_ray_job
 from .preflight import run_preflight
 from .progress import ProgressDisplay
@@ -107,61 +108,6 @@ def prepare_data(run: RunConfig, progress: bool) -> str:
         raise ConfigError(f"model.vocab_size={run.model.vocab_size}: smaller than the tokenizer's "
                           f"vocabulary ({dataset.vocab_size}, data.tokenizer={d.tokenizer})")
     return prepared
-
-
-def latest_checkpoint_path(checkpoint_dir: str) -> str | None:
-    from engine.checkpoint import latest_checkpoint
-
-    return latest_checkpoint(checkpoint_dir)
-
-
-def check_resumable(run: RunConfig, checkpoint_dir: str) -> str | None:
-    """Before anything starts: refuses a newest checkpoint of another model (one line), and
-    says when one of another world size or layout will be resharded on load."""
-    if not os.path.isdir(checkpoint_dir):
-        return None     # a first run: no checkpoint, and no torch import before the preflight
-    from engine.checkpoint import describe_layout_diff, latest_checkpoint
-    from engine.checkpoint.files import read_json
-    from engine.checkpoint.manager import MANIFEST, rank_file_names
-    from engine.config.model import shape_differences
-    from engine.train.state import layout_of_config
-
-    latest = latest_checkpoint(checkpoint_dir)
-    if not run.schema.checkpoint.resume or latest is None:
-        return None
-    try:
-        manifest = read_json(os.path.join(latest, MANIFEST))
-        saved_model = read_json(os.path.join(latest, rank_file_names(0)[1]))["meta"].get("model") or {}
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise ConfigError(f"checkpoint.dir={checkpoint_dir}: {latest} is not a readable checkpoint "
-                          f"({type(err).__name__}: {err}); move it aside or set "
-                          "checkpoint.resume=false") from None
-    differences = shape_differences(saved_model, run.model)
-    if differences:
-        raise ConfigError(
-            f"checkpoint.dir={checkpoint_dir}: its latest checkpoint (step {manifest.get('step')}) "
-            f"holds another model ({differences}, saved vs this config); use the same model, "
-            "another checkpoint.dir, or checkpoint.resume=false")
-    current = layout_of_config(run.parallel(run.world_sizes[-1]))
-    if run.elastic or manifest.get("layout") == current:
-        return None
-    return (f"resharding the checkpoint of step {manifest.get('step')} on load: "
-            f"{describe_layout_diff(manifest.get('layout'), current)}")
-
-
-def completed_step(run: RunConfig, checkpoint_dir: str) -> tuple[str, int] | None:
-    """(newest checkpoint, its step) when resuming it would leave nothing to train."""
-    if not os.path.isdir(checkpoint_dir):
-        return None
-    from engine.checkpoint import latest_checkpoint
-    from engine.checkpoint.manager import MANIFEST
-
-    latest = latest_checkpoint(checkpoint_dir)
-    if not run.schema.checkpoint.resume or latest is None:
-        return None
-    with open(os.path.join(latest, MANIFEST), encoding="utf-8") as handle:
-        step = int(json.load(handle).get("step", 0))
-    return (latest, step) if step >= run.train.steps else None
 
 
 def _entrypoint() -> tuple[str, str]:

@@ -13,7 +13,8 @@ import torch
 from engine.checkpoint import CheckpointManager
 from orchestrator.cli import main as cli_main
 from orchestrator.config import ConfigError, load_config
-from orchestrator.driver import _signal_of, check_resumable, completed_step, prepare_data
+from orchestrator.driver import _signal_of, prepare_data
+from orchestrator.resume_checks import check_resumable, completed_step
 
 from .jobs import TINY
 
