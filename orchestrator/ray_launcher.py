@@ -115,7 +115,7 @@ class RayLauncher:
                 failure_config=FailureConfig(max_failures=c.max_failures),
                 # Retention of our own checkpoints is CheckpointManager(keep); this keeps Ray's
                 # bookkeeping consistent should a checkpoint ever be reported to it.
-                checkpoint_config=CheckpointConfig(num_to_keep=self.run.schema.checkpoint.keep),
+                checkpoint_config=CheckpointConfig(num_to_keep=self.run.schema.checkpoint.keep or None),
                 callbacks=[FailureRelay(self.controller_events_path)],
                 # Ray Train's own INFO lines would interleave with the driver's progress.
                 logging_config=LoggingConfig(log_level="WARNING")))

@@ -125,7 +125,7 @@ class CheckpointSection(BaseModel):
     model_config = STRICT
     dir: Optional[str] = None                 # default checkpoints/<name>
     every_steps: int = Field(0, ge=0)         # 0 = no periodic checkpoints
-    keep: int = Field(2, ge=1)
+    keep: int = Field(2, ge=0)                # newest complete checkpoints kept; 0 keeps all
     resume: bool = True                       # resume from the latest complete checkpoint in dir
 
 

@@ -85,7 +85,7 @@ BAD = [
     (["model.preset=gpt5"], "model.preset='gpt5': unknown"),
     (["moe.num_experts=16"], "moe.num_experts=16: conflicts with model.num_experts=8"),
     (["moe.top_k=9", "model.top_k=null"], "moe.top_k=9: must be in [1, num_experts=8]"),
-    (["checkpoint.keep=0"], "checkpoint.keep=0: Input should be greater than or equal to 1"),
+    (["checkpoint.keep=-1"], "checkpoint.keep=-1: Input should be greater than or equal to 0"),
     (["model=5"], "model=5: Input should be a valid dictionary"),
     (["train.pipeline_schedule=zb"], "train.pipeline_schedule='zb': expected one of"),
     (["parallel.tp=1", "parallel.ep=2", "parallel.pp=2", "parallel.vpp=2", "train.pipeline_schedule=1f1b"],
@@ -131,6 +131,13 @@ def test_empty_file_means_all_defaults(tmp_path):
     run = load_config(empty)
     assert run.name == "empty" and run.world_sizes == (1,)
     assert run.checkpoint_dir == "checkpoints/empty"
+
+
+def test_keep_zero_keeps_every_checkpoint_as_documented():
+    run = load_config(TINY, ["checkpoint.keep=0"])
+    assert run.schema.checkpoint.keep == 0
+    spec = run.job_spec(job_dir="/j", data_dir="/d", checkpoint_dir="/c", events_path="/e")
+    assert spec.checkpoint_keep == 0
 
 
 def test_flatten_uses_dotted_keys():
