@@ -11,8 +11,9 @@ Score functions (E experts, logits z_t = W x_t in fp32):
   top-k of p (+bias), weights = p of the selected, renormalised if `norm_topk_prob`.
 - sigmoid (DeepSeek-V3): p = sigmoid(z), select top-k of p (+bias), weights = p of the
   selected, renormalised if `norm_topk_prob`.
-Renormalisation is skipped for k = 1 (it would make the weight a constant 1 and cut the
-router off from the task gradient).
+`norm_topk_prob` is honoured at k = 1 too, as Hugging Face's Qwen2-MoE/Qwen3-MoE do: every
+weight is then 1 and the router learns from the auxiliary losses only; an imported model
+must compute what it computed in HF.
 Ties are broken towards the lower expert id (stable sort), so every rank and every
 recomputation selects the same experts.
 """
@@ -66,7 +67,7 @@ def route_topk(logits_te: torch.Tensor, top_k: int, score_func: str = "softmax",
     if score_func == "softmax" and not pre_softmax:
         return logits_te.gather(-1, experts_tk).softmax(dim=-1), experts_tk
     weights_tk = probs_te.gather(-1, experts_tk)
-    if norm_topk_prob and top_k > 1:
+    if norm_topk_prob:
         weights_tk = weights_tk / weights_tk.sum(dim=-1, keepdim=True).clamp_min(1e-20)
     return weights_tk, experts_tk
 

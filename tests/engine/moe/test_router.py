@@ -26,6 +26,15 @@ def test_pre_softmax_with_and_without_renormalisation():
     torch.testing.assert_close(probs, torch.tensor([[E / (E + 1), 1 / (E + 1)]]))
 
 
+def test_top1_renormalisation_gives_weight_one_like_hf():
+    z = 1 + E ** 2 + E ** 3 + E
+    probs, experts = route_topk(LOGITS, 1, "softmax", pre_softmax=True, norm_topk_prob=True)
+    assert experts.tolist() == [[1]]
+    torch.testing.assert_close(probs, torch.tensor([[1.0]]))   # HF Qwen2-MoE: p / sum(p) = 1
+    probs, _ = route_topk(LOGITS, 1, "softmax", pre_softmax=True, norm_topk_prob=False)
+    torch.testing.assert_close(probs, torch.tensor([[E ** 3 / z]]))
+
+
 def test_sigmoid_scores_and_renormalisation():
     ln3 = math.log(3.0)
     logits = torch.tensor([[0.0, ln3, -ln3, -2 * ln3]])     # sigmoid: 0.5, 0.75, 0.25, 0.1
@@ -34,8 +43,10 @@ def test_sigmoid_scores_and_renormalisation():
     torch.testing.assert_close(probs, torch.tensor([[0.75, 0.5]]))
     probs, _ = route_topk(logits, 2, "sigmoid", norm_topk_prob=True)
     torch.testing.assert_close(probs, torch.tensor([[0.6, 0.4]]))
-    # k = 1: renormalising would pin the weight to 1 and cut the router's task gradient.
+    # k = 1 follows the flag literally (as HF does): renormalised it is 1, otherwise sigmoid.
     probs, _ = route_topk(logits, 1, "sigmoid", norm_topk_prob=True)
+    torch.testing.assert_close(probs, torch.tensor([[1.0]]))
+    probs, _ = route_topk(logits, 1, "sigmoid", norm_topk_prob=False)
     torch.testing.assert_close(probs, torch.tensor([[0.75]]))
 
 
