@@ -74,7 +74,9 @@ def machine() -> dict:
             "platform": platform.platform(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             # other processes share the cores: the 1/5/15-minute load when the figures were written
-            "load_average": list(os.getloadavg())}
+            "load_average": list(os.getloadavg()),
+            # torch's switch for 2 MB pages on CPU allocations >= 2 MB (read once, at import)
+            "thp_mem_alloc_enable": os.environ.get("THP_MEM_ALLOC_ENABLE")}
 
 
 def print_table(title: str, header: list[str], rows: list[list]) -> None:

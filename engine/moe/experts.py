@@ -17,6 +17,13 @@ Gate and up stay two GEMMs: fusing them needs one [E, h, 2F] weight, and buildin
 the two parameters copies both stacks every forward and splits the gradient every backward,
 which measured slower than two GEMMs (benchmarks/experts.py; docs/performance.md).
 
+Weight gradients dw[g] = x_g^T dy_g run on the transposed view x.t() (no copy). On CPU a
+contiguous x^T, dw^T = dy^T x (a transposed grad, which autograd would copy) or a loop of
+mm(out=) measured no faster. What a dense GEMM of the same FLOPs does not pay is the
+first touch of three fresh [E, h, F] gradient stacks per backward (E times its dW bytes;
+above glibc's 32 MB mmap cap each is page-faulted in again every step) and the short
+reduction (rows per expert) of the dw GEMMs; the GEMMs themselves are level with dense.
+
 Rows past sum(counts) (the tail that capacity dropping and the all-gather dispatcher leave
 for assignments that no local expert takes) get zero output and zero input gradient.
 """

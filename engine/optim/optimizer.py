@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.optim.adamw import adamw
 
 from engine.config.train import TrainConfig
 from engine.parallel.mesh import FoldedMesh
 
+from .adamw import chunked_adamw_
 from .buckets import DEFAULT_BUCKET_BYTES, plan_buckets
 from .clip import clip_, global_grad_norm
 from .flat_bucket import FlatBucket
@@ -149,14 +149,10 @@ class FoldedOptimizer:
         return lr
 
     def _adamw(self, ranges, lr: float, weight_decay: float) -> None:
-        if not ranges:
-            return
-        # torch's functional AdamW (decoupled decay) increments these step counters itself.
-        steps = [torch.tensor(float(self.adam_step - 1)) for _ in ranges]
-        adamw([r.param for r in ranges], [r.grad for r in ranges], [r.exp_avg for r in ranges],
-              [r.exp_avg_sq for r in ranges], [], steps, foreach=None, amsgrad=False,
-              beta1=self.cfg.beta1, beta2=self.cfg.beta2, lr=lr, weight_decay=weight_decay,
-              eps=self.cfg.eps, maximize=False)
+        # Bit-identical to torch's per-tensor AdamW, in cache-sized chunks (engine/optim/adamw.py).
+        chunked_adamw_([r.param for r in ranges], [r.grad for r in ranges], [r.exp_avg for r in ranges],
+                       [r.exp_avg_sq for r in ranges], step=self.adam_step, lr=lr, beta1=self.cfg.beta1,
+                       beta2=self.cfg.beta2, eps=self.cfg.eps, weight_decay=weight_decay)
 
     # ---- checkpoint -------------------------------------------------------------------
     def state_dict(self) -> dict:
