@@ -9,7 +9,9 @@
 2. Calibrate in the same processes, once per round between the steps (engine/planner/
    calibrate.py `measure_rank`: GEMM, attention, memory, operator and gloo collective
    rates on both ranks at once), so calibration sees the same machine load as the steps;
-   the medians over rounds and ranks are the calibrated rates. Each round also runs one
+   the medians over rounds and ranks are the calibrated rates (including the wait of a
+   collective issued after compute, which a loaded machine makes far longer than a
+   tight loop of collectives shows). Each round also runs one
    dense and one MoE layer of the model forward + backward in each process (`measure_layer_
    scale`) and divides by the modelled time: the median ratio scales the compute term (the
    engine's allocations, page faults and autograd bookkeeping, which rates do not see). It
@@ -143,7 +145,8 @@ def main() -> None:
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:
             json.dump({**out, "rounds": results[0]["times"],
-                       "scales": [x for r in results for x in r["scales"]]}, handle, indent=1)
+                       "scales": [x for r in results for x in r["scales"]],
+                       "samples": [s for r in results for s in r["samples"]]}, handle, indent=1)
 
 
 if __name__ == "__main__":
