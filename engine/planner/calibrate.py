@@ -11,9 +11,6 @@ Measured, per worker (one thread per CPU worker, as `cluster.cpus_per_worker: 1`
   of a chain of tiny multiplications), what dominates a small model's step on a CPU;
 - optimizer: seconds per element of the fp64 grad norm + torch's functional AdamW on a flat
   fp32 range, as the engine's optimizer step runs them;
-- expert indexing: the extra cost per expert backward that grows with the local experts
-  squared (engine/moe/experts.py indexes the stacked weights), from the expert layer timed
-  at 2 and 8 experts;
 - collectives: all-to-all and all-reduce on every worker of the machine (gloo on CPU,
   NCCL on GPU: engine/planner/calibrate_ranks.py) at a small and a large size, fitted to
   latency + bytes / bandwidth (bytes a rank sends);
@@ -111,28 +108,6 @@ def _optimizer_rate(dev, repeats: int, sync) -> float:
         adamw([param], [grad], [m], [v], [], steps, foreach=None, amsgrad=False, beta1=0.9,
               beta2=0.95, lr=1e-4, weight_decay=0.1, eps=1e-8, maximize=False)
     return _median_time(update, max(3, repeats // 3), sync) / n
-
-
-def measure_expert_index_passes(memory_bytes_per_s: float, repeats: int = 7, hidden: int = 256,
-                                ffn: int = 256, rows_per_expert: int = 8, device: str = "cpu") -> float:
-    """HBM passes over the local expert stack that one expert's backward costs beyond its
-    GEMMs (engine/moe/experts.py; the planner's expert_index_grad_passes). The expert
-    layer is timed with 2 and with 8 experts at the same rows per expert: GEMM work grows
-    with E, the indexing cost with E^2, so T(8) - 4 T(2) = 48 x (one expert's share)."""
-    import torch
-
-    from engine.moe.experts import GroupedExperts
-
-    dev = _device(device)
-    def time_experts(num_experts: int) -> float:
-        experts = GroupedExperts(num_experts, hidden, ffn).to(dev)
-        x = torch.randn(num_experts * rows_per_expert, hidden, device=dev, requires_grad=True)
-        counts = [rows_per_expert] * num_experts
-        return _median_time(lambda: experts(x, counts).square().mean().backward(), repeats, _sync(dev))
-
-    per_expert_squared = max(time_experts(8) - 4 * time_experts(2), 0.0) / 48
-    stack_bytes_per_expert = 3 * hidden * ffn * 4          # gate, up, down of one expert, fp32
-    return per_expert_squared * memory_bytes_per_s / stack_bytes_per_expert
 
 
 def measure_layer_scale(cfg, train, machine, repeats: int = 5) -> float:
@@ -240,8 +215,6 @@ def measure_rank(rank: int, world: int, device: str = "cpu") -> dict:
 
     dist.barrier()
     compute = measure_compute(device)
-    compute["expert_index_grad_passes"] = measure_expert_index_passes(compute["memory_bytes_per_s"],
-                                                                      device=device)
     return {**compute, **measure_collectives(device=device)}
 
 
@@ -262,6 +235,8 @@ def summarize_measurements(samples: list[dict], world: int, stat: str = "median"
     with stat="best" the least disturbed sample of each figure (a shared, loaded machine).
     On a GPU the measured link is the node's NVLink only: the network figure is left to
     the datasheet row (see `orchestrator/planning.py machine_for`)."""
+    from .cost import CostConstants
+
     pick = (lambda key, values: statistics.median(values)) if stat == "median" else _best
     med = {key: pick(key, [s[key] for s in samples]) for key in samples[0]}
     sent = lambda kind, n: n * (world - 1) / world * (2 if kind == "allreduce" else 1)  # noqa: E731
@@ -278,14 +253,18 @@ def summarize_measurements(samples: list[dict], world: int, stat: str = "median"
     sync_wait = med.get("sync_wait_s", 0.0)
     return {
         "device": rates,
-        "constants": {"gemm_efficiency": 1.0, "memory_efficiency": 1.0, "link_efficiency": 1.0,
+        # gemm_half_size on CPU 0: the measured rate and the layer scale already are this
+        # machine's rates at the model's shapes (no tiles and waves to fill); on a GPU the
+        # tile model stays (the measured n = 8192 GEMM fills its tiles)
+        "constants": {"gemm_efficiency": 1.0, "memory_efficiency": 1.0,
+                      "gemm_half_size": CostConstants().gemm_half_size if device == "cuda" else 0,
+                      "link_efficiency": 1.0,
                       "attention_efficiency": med["attention_flops"] / med["gemm_flops"],
                       "attention_half_block": int(round(med["attention_half_block"])),
                       "collective_latency_s": fitted["allreduce_latency_s"] + sync_wait,
                       "a2a_peer_latency_s": fitted["a2a_latency_s"] / 2,
                       "op_overhead_s": med["op_overhead_s"],
-                      "optimizer_s_per_elem": med["optimizer_s_per_elem"],
-                      "expert_index_grad_passes": med["expert_index_grad_passes"]},
+                      "optimizer_s_per_elem": med["optimizer_s_per_elem"]},
         "measured": {**med, **fitted},
     }
 

@@ -35,8 +35,9 @@ from .devices import Device
 from .memory import RankInfo, dispatch_rows, owned_elements, rank_infos
 from .shards import kind_layer_id, local_kv_heads
 
-# aten operators per layer, forward + backward (one process, engine/models + engine/moe)
-OPS = {"dense_layer": 251, "moe_layer": 315, "per_expert": 31, "shared": 47, "ends": 51}
+# aten operators per layer, forward + backward (one process, engine/models + engine/moe,
+# counted with a TorchDispatchMode; the grouped-GEMM experts add none per local expert)
+OPS = {"dense_layer": 260, "moe_layer": 347, "shared": 47, "ends": 51}
 LOSS_ALL_REDUCES = 2       # engine/tensor_parallel/layers.py: 3 fp32 per token, forward only
 ADAM_BYTES_PER_ELEM = 30   # read grad, master, 2 moments; write master, 2 moments, param
 
@@ -45,6 +46,7 @@ ADAM_BYTES_PER_ELEM = 30   # read grad, master, 2 moments; write master, 2 momen
 class CostConstants:
     """Achievable fractions of the device figures; one set for every GPU case (docs/planner.md)."""
     gemm_efficiency: float = 0.80
+    gemm_half_size: int = 128              # rows / columns at which a GEMM's rate halves (one tile)
     attention_efficiency: float = 0.55
     attention_half_block: int = 256        # block length (tokens) at which it halves
     memory_efficiency: float = 0.80
@@ -53,11 +55,6 @@ class CostConstants:
     a2a_peer_latency_s: float = 4e-6
     op_overhead_s: float = 2e-6
     elementwise_passes: float = 4.0
-    # HBM passes over the local expert stack per expert backward beyond its GEMMs: indexing
-    # w[e] in engine/moe/experts.py writes and adds a zero gradient of the whole stack. The
-    # datasheet rows assume grouped-GEMM experts without indexing (issue 11): 0; calibration
-    # measures the engine as it is.
-    expert_index_grad_passes: float = 0.0
     # Seconds per owned element of the optimizer step (AdamW + grad-norm); None: stream
     # ADAM_BYTES_PER_ELEM at HBM speed (CUDA's foreach kernels); calibration measures it.
     optimizer_s_per_elem: float | None = None
@@ -100,8 +97,13 @@ class StepEstimate:
 
 
 def _gemm(m: float, k: float, n: float, e: int, mach: Machine) -> float:
-    """Forward time of one [m, k] x [k, n] GEMM."""
-    return max(2 * m * k * n / mach.gemm_rate, e * (m * k + k * n + m * n) / mach.memory_rate)
+    """Forward time of one [m, k] x [k, n] GEMM: the output is computed in tiles, and a
+    GEMM pays about one tile's rows and columns beyond its own (the partly filled last
+    tiles and wave, the prologue and epilogue): rate x m/(m + m0) x n/(n + m0), m0 =
+    gemm_half_size. A routed expert's GEMM with few rows runs slower for it."""
+    half = mach.constants.gemm_half_size
+    shape_eff = (m / (m + half)) * (n / (n + half)) if half else 1.0
+    return max(2 * m * k * n / (mach.gemm_rate * shape_eff), e * (m * k + k * n + m * n) / mach.memory_rate)
 
 
 def _swiglu(m: float, h: int, f: int, e: int, mach: Machine) -> float:
@@ -132,21 +134,16 @@ def _layer(cfg: ModelConfig, is_moe: bool, p: ParallelConfig, train: TrainConfig
         ffn = (_gemm(t_sp, h, moe.num_experts, e, mach)
                + local * _swiglu(per_expert, h, moe.ffn_hidden_size // p.etp, e, mach)
                + (_swiglu(t, h, shared_f, e, mach) if shared_f else 0.0))
-        ops = OPS["moe_layer"] + OPS["per_expert"] * local + (OPS["shared"] if shared_f else 0)
-        # engine/moe/experts.py indexes w[e] per expert: each index's backward writes a zero
-        # gradient of the whole local [E_l, h, F] stack and adds it (3 stacks per layer).
-        stack = local * h * (moe.ffn_hidden_size // p.etp) * e
-        index_grads = c.expert_index_grad_passes * 3 * local * stack / mach.memory_rate
+        ops = OPS["moe_layer"] + (OPS["shared"] if shared_f else 0)
     else:
         ffn = _swiglu(t, h, cfg.ffn_hidden_size // p.tp, e, mach)
-        ops, index_grads = OPS["dense_layer"], 0.0
+        ops = OPS["dense_layer"]
     saved = layer_bytes(cfg, kind_layer_id(cfg, is_moe), mb, rows, p.etp, "none")
     elementwise = c.elementwise_passes * saved / mach.memory_rate / 3   # forward share
     forward = proj + core + ffn + elementwise
     redo = {"none": 0.0, "selective": core, "full": forward, "remat_aware": forward - core}[train.recompute]
     redo_share = redo / forward
-    compute = c.compute_scale * (3 * forward + redo + ops * c.op_overhead_s * (1 + redo_share / 3)
-                                 + index_grads)
+    compute = c.compute_scale * (3 * forward + redo + ops * c.op_overhead_s * (1 + redo_share / 3))
 
     link, lat = mach.link, c.collective_latency_s
     tp_collectives = 2 + (2 if (not is_moe or shared_f) else 0)      # forward
