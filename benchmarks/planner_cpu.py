@@ -1,6 +1,6 @@
 """The planner's calibrated CPU predictions against measured step times of the real Trainer.
 
-    PYTHONPATH=. python benchmarks/planner_cpu.py [--rounds 7] [--json out.json]
+    PYTHONPATH=. python benchmarks/planner_cpu.py [--rounds 7] [--json out.json] [--replay out.json]
 
 1. Build one Trainer per layout on 2 gloo ranks (engine/testing/multiprocess.py), all in the
    same two processes (one thread each), and time `train_step` in interleaved rounds (every
@@ -135,7 +135,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--json", help="write the figures here")
+    parser.add_argument("--replay", help="predict again from the measurements of an earlier --json "
+                        "file (rank 0's step times, both ranks' calibration samples) with today's model")
     args = parser.parse_args()
+    if args.replay:
+        with open(args.replay, encoding="utf-8") as handle:
+            saved = json.load(handle)
+        results = [{"times": saved["rounds"], "samples": saved["samples"], "scales": saved["scales"]}]
+        for stat in ("median", "best"):
+            report(results, stat)
+        return
     print("measuring", len(LAYOUTS), "layouts on", WORLD, "gloo ranks,", args.rounds,
           "rounds (calibration interleaved) ...", flush=True)
     results = run_distributed(_measure, WORLD, LAYOUTS, args.rounds, timeout_s=1800)
