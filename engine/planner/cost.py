@@ -295,6 +295,7 @@ def estimate_step(cfg: ModelConfig, p: ParallelConfig, train: TrainConfig, mach:
     breakdown = {k: m * v for k, v in slowest.items()}
     breakdown.update(bubble=bubble, dp=dp, optimizer=optimizer)
     step = sum(breakdown.values())
-    flops = model_flops_per_iteration(cfg, train.global_batch_size, train.seq_len)
+    flops = _memo(cache, ("flops", train.global_batch_size, train.seq_len),
+                  lambda: model_flops_per_iteration(cfg, train.global_batch_size, train.seq_len))
     per_gpu = flops / (step * p.world_size)
     return StepEstimate(step, per_gpu / mach.device.peak_flops, per_gpu / 1e12, breakdown)
