@@ -14,13 +14,14 @@ Measured, per worker (one thread per CPU worker, as `cluster.cpus_per_worker: 1`
 - collectives: all-to-all and all-reduce on every worker of the machine (gloo on CPU,
   NCCL on GPU: engine/planner/calibrate_ranks.py) at a small and a large size, fitted to
   latency + bytes / bandwidth (bytes a rank sends);
-- synchronisation wait: a collective issued right after a stretch of compute costs more
-  than one in a tight loop: the ranks arrive at different times (one was slower or
+- synchronisation: a collective issued right after a stretch of compute costs more than
+  one in a tight loop: the ranks arrive at different times (one was slower or
   descheduled: a CPU shared by the workers and other jobs) and a blocked rank must be
-  woken. Measured as [GEMM, small all-gather] x n minus the GEMMs alone and the
-  all-gathers alone, per call, and added to the collective latency: it is paid by every
-  synchronous collective of the step (TP's gathers and reduce-scatters, the loss's
-  all-reduces, EP's all-to-alls, CP's and PP's transfers).
+  woken. Measured as [GEMMs, small all-gather] x n minus the GEMMs alone and the
+  all-gathers alone, per call, with a few ms of GEMMs between two collectives, and added
+  to the collective latency: every synchronous collective of the step pays it (TP's
+  gathers and reduce-scatters, the loss's all-reduces, EP's all-to-alls, CP's and PP's
+  transfers).
 - layer scale (when given the model): one dense and one MoE layer of it forward + backward
   (the engine's modules, one process), measured / modelled: the factor the compute term
   is scaled by (allocation, page faults, autograd bookkeeping that the rates miss).
@@ -178,10 +179,14 @@ def measure_collectives(group=None, device: str = "cpu", repeats: int = 15) -> d
 
 
 SYNC_CALLS = 20
+SYNC_STRETCH = 16            # GEMMs between two collectives (~3 ms on this CPU)
 
 
 def _sync_wait(group, dev, repeats: int, sync) -> float:
-    """Per call: [GEMM, small all-gather] x SYNC_CALLS - GEMMs alone - all-gathers alone."""
+    """Per call: [SYNC_STRETCH GEMMs, small all-gather] x SYNC_CALLS minus the GEMMs alone
+    and the all-gathers alone; the three timed back to back in each repeat (so a load
+    change hits all three), median over the repeats. The stretch (a few ms on a CPU) is
+    about the compute between two TP collectives of a model small enough to run here."""
     import torch
     import torch.distributed as dist
 
@@ -190,22 +195,29 @@ def _sync_wait(group, dev, repeats: int, sync) -> float:
     x = torch.ones(SMALL_BYTES // 4, device=dev)
     y = x.new_empty(x.numel() * dist.get_world_size(group))
 
-    def gemms():
-        for _ in range(SYNC_CALLS):
-            a @ a
+    def timed(fn) -> float:
+        dist.barrier(group)
+        start = time.perf_counter()
+        fn()
+        sync()
+        return time.perf_counter() - start
 
     def gathers():
         for _ in range(SYNC_CALLS):
             dist.all_gather_single(y, x, group=group)
 
+    def gemms():
+        for _ in range(SYNC_CALLS * SYNC_STRETCH):
+            a @ a
+
     def both():
         for _ in range(SYNC_CALLS):
-            a @ a
+            for _ in range(SYNC_STRETCH):
+                a @ a
             dist.all_gather_single(y, x, group=group)
-    dist.barrier(group)
-    alone = _median_time(gemms, repeats, sync) + _median_time(gathers, repeats, sync)
-    dist.barrier(group)
-    return max(_median_time(both, repeats, sync) - alone, 0.0) / SYNC_CALLS
+    both()
+    extras = [timed(both) - timed(gemms) - timed(gathers) for _ in range(repeats)]
+    return max(statistics.median(extras), 0.0) / SYNC_CALLS
 
 
 def measure_rank(rank: int, world: int, device: str = "cpu") -> dict:
