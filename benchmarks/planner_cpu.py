@@ -1,6 +1,6 @@
 """The planner's calibrated CPU predictions against measured step times of the real Trainer.
 
-    PYTHONPATH=. python benchmarks/planner_cpu.py [--rounds 7] [--json out.json]
+    PYTHONPATH=. python benchmarks/planner_cpu.py [--rounds 7] [--json out.json] [--replay out.json]
 
 1. Build one Trainer per layout on 2 gloo ranks (engine/testing/multiprocess.py), all in the
    same two processes (one thread each), and time `train_step` in interleaved rounds (every
@@ -9,7 +9,9 @@
 2. Calibrate in the same processes, once per round between the steps (engine/planner/
    calibrate.py `measure_rank`: GEMM, attention, memory, operator and gloo collective
    rates on both ranks at once), so calibration sees the same machine load as the steps;
-   the medians over rounds and ranks are the calibrated rates. Each round also runs one
+   the medians over rounds and ranks are the calibrated rates (including the wait of a
+   collective issued after compute, which a loaded machine makes far longer than a
+   tight loop of collectives shows). Each round also runs one
    dense and one MoE layer of the model forward + backward in each process (`measure_layer_
    scale`) and divides by the modelled time: the median ratio scales the compute term (the
    engine's allocations, page faults and autograd bookkeeping, which rates do not see). It
@@ -133,7 +135,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--json", help="write the figures here")
+    parser.add_argument("--replay", help="predict again from the measurements of an earlier --json "
+                        "file (rank 0's step times, both ranks' calibration samples) with today's model")
     args = parser.parse_args()
+    if args.replay:
+        with open(args.replay, encoding="utf-8") as handle:
+            saved = json.load(handle)
+        results = [{"times": saved["rounds"], "samples": saved["samples"], "scales": saved["scales"]}]
+        for stat in ("median", "best"):
+            report(results, stat)
+        return
     print("measuring", len(LAYOUTS), "layouts on", WORLD, "gloo ranks,", args.rounds,
           "rounds (calibration interleaved) ...", flush=True)
     results = run_distributed(_measure, WORLD, LAYOUTS, args.rounds, timeout_s=1800)
@@ -143,7 +154,8 @@ def main() -> None:
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:
             json.dump({**out, "rounds": results[0]["times"],
-                       "scales": [x for r in results for x in r["scales"]]}, handle, indent=1)
+                       "scales": [x for r in results for x in r["scales"]],
+                       "samples": [s for r in results for s in r["samples"]]}, handle, indent=1)
 
 
 if __name__ == "__main__":

@@ -108,10 +108,11 @@ def plan_command(run: RunConfig, args: argparse.Namespace) -> int:
     calibrated = None
     if args.calibrate:
         from engine.planner.calibrate import calibrate
+        from engine.planner.calibrate_ranks import CalibrationUnavailable
         try:
             calibrated = calibrate(device="cpu" if gpu == "cpu" else "cuda", progress=not args.json,
                                    model=run.model, train=run.train)
-        except NotImplementedError as err:
+        except CalibrationUnavailable as err:
             raise ConfigError(f"--calibrate --gpu {gpu}: {err}") from None
     result = plan(run, args.gpus, gpu=gpu, gpus_per_node=per_node, only=parse_only(args.only),
                   calibrated=calibrated)

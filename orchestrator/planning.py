@@ -52,8 +52,13 @@ def machine_for(gpu: str, gpus_per_node: int, calibrated: dict | None = None) ->
     """The datasheet machine, or the calibrated one (engine/planner/calibrate.py)."""
     if calibrated is None:
         return Machine(DEVICES[gpu], gpus_per_node)
-    device = DEVICES[gpu].with_rates(**calibrated["device"])
-    return Machine(device, gpus_per_node, CostConstants(**calibrated["constants"]))
+    rates = dict(calibrated["device"])
+    if "inter_node_bytes_per_s" not in rates:
+        # one GPU node measures NVLink only: the network stays the datasheet's, at the
+        # achievable share the table's constants assume (the calibrated link efficiency is 1)
+        rates["inter_node_bytes_per_s"] = (DEVICES[gpu].inter_node_bytes_per_s
+                                           * CostConstants().link_efficiency)
+    return Machine(DEVICES[gpu].with_rates(**rates), gpus_per_node, CostConstants(**calibrated["constants"]))
 
 
 def search_space(run: RunConfig, only: dict) -> SearchSpace:

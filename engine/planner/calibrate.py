@@ -11,11 +11,17 @@ Measured, per worker (one thread per CPU worker, as `cluster.cpus_per_worker: 1`
   of a chain of tiny multiplications), what dominates a small model's step on a CPU;
 - optimizer: seconds per element of the fp64 grad norm + torch's functional AdamW on a flat
   fp32 range, as the engine's optimizer step runs them;
-- expert indexing: the extra cost per expert backward that grows with the local experts
-  squared (engine/moe/experts.py indexes the stacked weights), from the expert layer timed
-  at 2 and 8 experts;
-- collectives: all-to-all and all-reduce on 2 ranks (gloo on CPU, NCCL on GPU) at a
-  small and a large size, fitted to latency + bytes / bandwidth (bytes a rank sends).
+- collectives: all-to-all and all-reduce on every worker of the machine (gloo on CPU,
+  NCCL on GPU: engine/planner/calibrate_ranks.py) at a small and a large size, fitted to
+  latency + bytes / bandwidth (bytes a rank sends);
+- synchronisation: a collective issued right after a stretch of compute costs more than
+  one in a tight loop: the ranks arrive at different times (one was slower or
+  descheduled: a CPU shared by the workers and other jobs) and a blocked rank must be
+  woken. Measured as [GEMMs, small all-gather] x n minus the GEMMs alone and the
+  all-gathers alone, per call, with a few ms of GEMMs between two collectives, and added
+  to the collective latency: every synchronous collective of the step pays it (TP's
+  gathers and reduce-scatters, the loss's all-reduces, EP's all-to-alls, CP's and PP's
+  transfers).
 - layer scale (when given the model): one dense and one MoE layer of it forward + backward
   (the engine's modules, one process), measured / modelled: the factor the compute term
   is scaled by (allocation, page faults, autograd bookkeeping that the rates miss).
@@ -50,8 +56,8 @@ def measure_compute(device: str = "cpu", repeats: int = 15) -> dict:
 
     from engine.attention.core import LocalAttention
 
-    dev = torch.device(device)
-    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+    dev = _device(device)
+    sync = _sync(dev)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     n = GEMM_N[dev.type]
     a, b = torch.randn(n, n, device=dev, dtype=dtype), torch.randn(n, n, device=dev, dtype=dtype)
@@ -105,27 +111,6 @@ def _optimizer_rate(dev, repeats: int, sync) -> float:
     return _median_time(update, max(3, repeats // 3), sync) / n
 
 
-def measure_expert_index_passes(memory_bytes_per_s: float, repeats: int = 7, hidden: int = 256,
-                                ffn: int = 256, rows_per_expert: int = 8) -> float:
-    """HBM passes over the local expert stack that one expert's backward costs beyond its
-    GEMMs (engine/moe/experts.py; the planner's expert_index_grad_passes). The expert
-    layer is timed with 2 and with 8 experts at the same rows per expert: GEMM work grows
-    with E, the indexing cost with E^2, so T(8) - 4 T(2) = 48 x (one expert's share)."""
-    import torch
-
-    from engine.moe.experts import GroupedExperts
-
-    def time_experts(num_experts: int) -> float:
-        experts = GroupedExperts(num_experts, hidden, ffn)
-        x = torch.randn(num_experts * rows_per_expert, hidden, requires_grad=True)
-        counts = [rows_per_expert] * num_experts
-        return _median_time(lambda: experts(x, counts).square().mean().backward(), repeats, lambda: None)
-
-    per_expert_squared = max(time_experts(8) - 4 * time_experts(2), 0.0) / 48
-    stack_bytes_per_expert = 3 * hidden * ffn * 4          # gate, up, down of one expert, fp32
-    return per_expert_squared * memory_bytes_per_s / stack_bytes_per_expert
-
-
 def measure_layer_scale(cfg, train, machine, repeats: int = 5) -> float:
     """measured / modelled forward + backward time of one dense and one MoE layer of `cfg`
     (one micro-batch, one process, the engine's own modules): what the engine's layers
@@ -138,9 +123,10 @@ def measure_layer_scale(cfg, train, machine, repeats: int = 5) -> float:
     from engine.parallel.config import ParallelConfig
 
     from .cost import _layer
+    from .shards import kind_layer_id
 
     kinds = sorted({cfg.is_moe_layer(i) for i in range(cfg.num_layers)})
-    layer_ids = [cfg.first_k_dense if moe else 0 for moe in kinds]
+    layer_ids = [kind_layer_id(cfg, moe) for moe in kinds]
     model = MoETransformer(cfg, layer_ids, first_stage=False, last_stage=False)
     init_weights(model, cfg, 0)
     for block in model.layers.values():
@@ -158,14 +144,28 @@ def measure_layer_scale(cfg, train, machine, repeats: int = 5) -> float:
     return measured / modelled
 
 
+def _device(device: str):
+    import torch
+
+    return torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device("cpu")
+
+
+def _sync(dev):
+    import torch
+
+    return (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+
+
 def measure_collectives(group=None, device: str = "cpu", repeats: int = 15) -> dict:
-    """Median seconds of an all-to-all and an all-reduce at a small and a large size, on the
-    default group (or `group`), run by every rank of it."""
+    """Median seconds of an all-to-all and an all-reduce at a small and a large size, and
+    the synchronisation wait per collective after compute (module docstring), on the
+    default group (or `group`) of the backend the process group runs (gloo or NCCL),
+    with tensors on `device`; run by every rank of the group."""
     import torch
     import torch.distributed as dist
 
-    dev = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device("cpu")
-    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+    dev = _device(device)
+    sync = _sync(dev)
     out = {}
     for nbytes in (SMALL_BYTES, LARGE_BYTES):
         x = torch.ones(nbytes // 4, device=dev)
@@ -174,7 +174,50 @@ def measure_collectives(group=None, device: str = "cpu", repeats: int = 15) -> d
         out[f"a2a_{nbytes}"] = _median_time(lambda: dist.all_to_all_single(y, x, group=group), repeats, sync)
         dist.barrier(group)
         out[f"allreduce_{nbytes}"] = _median_time(lambda: dist.all_reduce(x, group=group), repeats, sync)
+    out["sync_wait_s"] = _sync_wait(group, dev, repeats, sync)
     return out
+
+
+SYNC_CALLS = 20
+SYNC_STRETCH = 16            # GEMMs between two collectives (~3 ms on this CPU)
+
+
+def _sync_wait(group, dev, repeats: int, sync) -> float:
+    """Per call: [SYNC_STRETCH GEMMs, small all-gather] x SYNC_CALLS minus the GEMMs alone
+    and the all-gathers alone; the three timed back to back in each repeat (so a load
+    change hits all three), median over the repeats. The stretch (a few ms on a CPU) is
+    about the compute between two TP collectives of a model small enough to run here."""
+    import torch
+    import torch.distributed as dist
+
+    n = GEMM_N[dev.type] // 2
+    a = torch.randn(n, n, device=dev)
+    x = torch.ones(SMALL_BYTES // 4, device=dev)
+    y = x.new_empty(x.numel() * dist.get_world_size(group))
+
+    def timed(fn) -> float:
+        dist.barrier(group)
+        start = time.perf_counter()
+        fn()
+        sync()
+        return time.perf_counter() - start
+
+    def gathers():
+        for _ in range(SYNC_CALLS):
+            dist.all_gather_single(y, x, group=group)
+
+    def gemms():
+        for _ in range(SYNC_CALLS * SYNC_STRETCH):
+            a @ a
+
+    def both():
+        for _ in range(SYNC_CALLS):
+            for _ in range(SYNC_STRETCH):
+                a @ a
+            dist.all_gather_single(y, x, group=group)
+    both()
+    extras = [timed(both) - timed(gemms) - timed(gathers) for _ in range(repeats)]
+    return max(statistics.median(extras), 0.0) / SYNC_CALLS
 
 
 def measure_rank(rank: int, world: int, device: str = "cpu") -> dict:
@@ -184,7 +227,6 @@ def measure_rank(rank: int, world: int, device: str = "cpu") -> dict:
 
     dist.barrier()
     compute = measure_compute(device)
-    compute["expert_index_grad_passes"] = measure_expert_index_passes(compute["memory_bytes_per_s"])
     return {**compute, **measure_collectives(device=device)}
 
 
@@ -199,9 +241,14 @@ def _best(key: str, values: list[float]) -> float:
     return max(values) if key.endswith(("_flops", "_bytes_per_s")) else min(values)
 
 
-def summarize_measurements(samples: list[dict], world: int, stat: str = "median") -> dict:
+def summarize_measurements(samples: list[dict], world: int, stat: str = "median",
+                           device: str = "cpu") -> dict:
     """Device rates and cost constants from `measure_rank` results: medians over samples, or
-    with stat="best" the least disturbed sample of each figure (a shared, loaded machine)."""
+    with stat="best" the least disturbed sample of each figure (a shared, loaded machine).
+    On a GPU the measured link is the node's NVLink only: the network figure is left to
+    the datasheet row (see `orchestrator/planning.py machine_for`)."""
+    from .cost import CostConstants
+
     pick = (lambda key, values: statistics.median(values)) if stat == "median" else _best
     med = {key: pick(key, [s[key] for s in samples]) for key in samples[0]}
     sent = lambda kind, n: n * (world - 1) / world * (2 if kind == "allreduce" else 1)  # noqa: E731
@@ -211,17 +258,25 @@ def summarize_measurements(samples: list[dict], world: int, stat: str = "median"
                                   sent(kind, SMALL_BYTES), sent(kind, LARGE_BYTES))
         fitted[f"{kind}_latency_s"], fitted[f"{kind}_bytes_per_s"] = latency, bandwidth
     link = min(fitted["a2a_bytes_per_s"], fitted["allreduce_bytes_per_s"])
+    rates = {"peak_flops": med["gemm_flops"], "hbm_bytes_per_s": med["memory_bytes_per_s"],
+             "intra_node_bytes_per_s": link}
+    if device != "cuda":
+        rates["inter_node_bytes_per_s"] = link     # CPU workers share one host
+    sync_wait = med.get("sync_wait_s", 0.0)
     return {
-        "device": {"peak_flops": med["gemm_flops"], "hbm_bytes_per_s": med["memory_bytes_per_s"],
-                   "intra_node_bytes_per_s": link, "inter_node_bytes_per_s": link},
-        "constants": {"gemm_efficiency": 1.0, "memory_efficiency": 1.0, "link_efficiency": 1.0,
+        "device": rates,
+        # gemm_half_size on CPU 0: the measured rate and the layer scale already are this
+        # machine's rates at the model's shapes (no tiles and waves to fill); on a GPU the
+        # tile model stays (the measured n = 8192 GEMM fills its tiles)
+        "constants": {"gemm_efficiency": 1.0, "memory_efficiency": 1.0,
+                      "gemm_half_size": CostConstants().gemm_half_size if device == "cuda" else 0,
+                      "link_efficiency": 1.0,
                       "attention_efficiency": med["attention_flops"] / med["gemm_flops"],
                       "attention_half_block": int(round(med["attention_half_block"])),
-                      "collective_latency_s": fitted["allreduce_latency_s"],
+                      "collective_latency_s": fitted["allreduce_latency_s"] + sync_wait,
                       "a2a_peer_latency_s": fitted["a2a_latency_s"] / 2,
                       "op_overhead_s": med["op_overhead_s"],
-                      "optimizer_s_per_elem": med["optimizer_s_per_elem"],
-                      "expert_index_grad_passes": med["expert_index_grad_passes"]},
+                      "optimizer_s_per_elem": med["optimizer_s_per_elem"]},
         "measured": {**med, **fitted},
     }
 
@@ -238,7 +293,7 @@ def _calibration_worker(rank: int, world: int, device: str, rounds: int, model=N
     for _ in range(rounds):
         sample = measure_rank(rank, world, device)
         if model is not None:
-            rates = summarize_measurements([sample], world)
+            rates = summarize_measurements([sample], world, device=device)
             machine = Machine(DEVICES["cpu"].with_rates(**rates["device"]), world,
                               CostConstants(**rates["constants"]))
             sample["compute_scale"] = measure_layer_scale(model, train, machine)
@@ -247,31 +302,32 @@ def _calibration_worker(rank: int, world: int, device: str, rounds: int, model=N
 
 
 def _layer_pair_params(model) -> int:
-    from .shards import layer_params
+    from .shards import kind_layer_id, layer_params
     from engine.parallel.config import ParallelConfig
 
     one = ParallelConfig(world_size=1)
-    return sum(layer_params(model, i, one).total for i in {0, model.first_k_dense % model.num_layers})
+    return sum(layer_params(model, i, one).total for i in {kind_layer_id(model, False), kind_layer_id(model, True)})
 
 
 def calibrate(device: str = "cpu", progress: bool = False, world: int = 2, rounds: int = 3,
               model=None, train=None) -> dict:
-    """Measured device rates and cost constants (module docstring), on `world` gloo ranks;
-    with `model` and `train` (small enough to run here) also the engine's layer scale."""
-    from engine.testing.multiprocess import run_distributed
+    """Measured device rates and cost constants (module docstring) on this machine's workers
+    (calibrate_ranks.py: `world` gloo processes on CPU, every GPU of the node with NCCL on
+    "cuda"); with `model` and `train` (small enough to run here, CPU only) also the engine's
+    layer scale. Raises CalibrationUnavailable when the device is not on this machine."""
+    from .calibrate_ranks import backend_for, calibration_world, run_ranks
 
-    if device == "cuda":
-        raise NotImplementedError("NCCL calibration (one process per GPU) is not wired up yet; "
-                                  "use the datasheet table (omit --calibrate) on GPUs")
-    if model is not None and _layer_pair_params(model) > LAYER_SCALE_MAX_PARAMS:
-        model = train = None        # too big to run a layer here: rates only
+    world = calibration_world(device, world)
+    if device == "cuda" or (model is not None and _layer_pair_params(model) > LAYER_SCALE_MAX_PARAMS):
+        model = train = None        # rates only: the layer scale runs the model's layers on the CPU
     if progress:
-        print(f"calibrating on {world} gloo ranks: GEMM, attention, memory, operator and "
-              f"collective rates{', layer scale' if model is not None else ''} ...", flush=True)
-    per_rank = run_distributed(_calibration_worker, world, device, rounds, model, train, timeout_s=900)
+        print(f"calibrating on {world} {backend_for(device)} ranks: GEMM, attention, memory, operator, "
+              f"collective and synchronisation rates{', layer scale' if model is not None else ''} ...",
+              flush=True)
+    per_rank = run_ranks(_calibration_worker, world, device, rounds, model, train, timeout_s=900)
     samples = [s for rank in per_rank for s in rank]
     out = summarize_measurements([{k: v for k, v in s.items() if k != "compute_scale"} for s in samples],
-                                 world)
+                                 world, device=device)
     if model is not None:
         out["constants"]["compute_scale"] = statistics.median(s["compute_scale"] for s in samples)
     return out

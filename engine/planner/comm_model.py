@@ -19,7 +19,9 @@ Bytes match what the engine's counters report (the mesh's Traffic, engine/parall
 Links, from the rank order (engine/parallel/ranks.py: attention tp-cp-dp-pp, MoE
 etp-ep-edp-pp, first axis stride 1) and gpus_per_node: a group whose ranks span at most one
 node's worth of consecutive ranks stays on NVLink; otherwise the part of its traffic that
-goes to other nodes crosses the network card (one per GPU).
+goes to other nodes crosses the network cards (one per GPU): an all-to-all's off-node share
+through each rank's own NIC, a ring's node crossing through the NICs of all the group's
+members on that node.
 """
 from __future__ import annotations
 
@@ -39,12 +41,17 @@ class Link:
         return min(size, max(1, self.gpus_per_node // stride))
 
     def ring_time(self, nbytes: float, size: int, stride: int) -> float:
-        """A ring collective in which each rank sends `nbytes` to its neighbour: a ring that
-        leaves the node runs at the network's pace (its slowest hop)."""
+        """A ring collective in which each rank sends `nbytes` to its neighbour. A ring that
+        leaves the node crosses each node boundary once: `nbytes` leave every node there,
+        and NCCL spreads that crossing over its channels, one per member GPU of the node
+        with its own NIC (rail-aligned rings), so the boundary carries g NICs' worth, g the
+        members per node (g = 1: one NIC's pace)."""
         if nbytes <= 0 or size == 1:
             return 0.0
-        on_node = self.members_per_node(size, stride) == size
-        return nbytes / (self.intra_bytes_per_s if on_node else self.inter_bytes_per_s)
+        per_node = self.members_per_node(size, stride)
+        if per_node == size:
+            return nbytes / self.intra_bytes_per_s
+        return nbytes / min(self.intra_bytes_per_s, per_node * self.inter_bytes_per_s)
 
     def a2a_time(self, nbytes: float, size: int, stride: int) -> float:
         """An all-to-all in which each rank sends `nbytes` spread evenly over its size - 1

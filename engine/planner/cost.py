@@ -15,8 +15,9 @@ Per micro-batch and layer on one rank (t = b·s/cp tokens, t_sp = t/tp, heads pe
 Communication (engine/planner/comm_model.py) is exposed as the engine runs it: TP and EP
 collectives and PP p2p are synchronous; the CP ring overlaps the attention blocks; the DP
 reduction overlaps the last micro-batch's backward when train.overlap_grad_reduce.
-Step = (m + (pp - 1)/vpp)·(slowest stage per micro-batch) + exposed DP + optimizer update
-(Narayanan et al. 2021: the interleaved bubble is (pp - 1)/vpp micro-batch times).
+Step = m·(slowest stage per micro-batch) + bubble + exposed DP + optimizer update, the
+bubble (sum of the other stages' times per micro-batch)/vpp: (pp - 1)/vpp micro-batch
+times for balanced stages (Narayanan et al. 2021), less when the stages are not.
 """
 from __future__ import annotations
 
@@ -32,10 +33,12 @@ from .comm_model import (Link, a2a_bytes, allgather_dispatch_bytes, cp_ring_byte
                          tp_collective_bytes)
 from .devices import Device
 from .memory import RankInfo, dispatch_rows, owned_elements, rank_infos
-from .shards import local_kv_heads
+from .shards import kind_layer_id, local_kv_heads
 
-# aten operators per layer, forward + backward (one process, engine/models + engine/moe)
-OPS = {"dense_layer": 251, "moe_layer": 315, "per_expert": 31, "shared": 47, "ends": 51}
+# aten operators per layer, forward + backward (one process, engine/models + engine/moe,
+# counted with a TorchDispatchMode; the grouped-GEMM experts add none per local expert)
+OPS = {"dense_layer": 260, "moe_layer": 347, "shared": 47, "ends": 51}
+LOSS_ALL_REDUCES = 2       # engine/tensor_parallel/layers.py: 3 fp32 per token, forward only
 ADAM_BYTES_PER_ELEM = 30   # read grad, master, 2 moments; write master, 2 moments, param
 
 
@@ -43,6 +46,7 @@ ADAM_BYTES_PER_ELEM = 30   # read grad, master, 2 moments; write master, 2 momen
 class CostConstants:
     """Achievable fractions of the device figures; one set for every GPU case (docs/planner.md)."""
     gemm_efficiency: float = 0.80
+    gemm_half_size: int = 128              # rows / columns at which a GEMM's rate halves (one tile)
     attention_efficiency: float = 0.55
     attention_half_block: int = 256        # block length (tokens) at which it halves
     memory_efficiency: float = 0.80
@@ -51,11 +55,6 @@ class CostConstants:
     a2a_peer_latency_s: float = 4e-6
     op_overhead_s: float = 2e-6
     elementwise_passes: float = 4.0
-    # HBM passes over the local expert stack per expert backward beyond its GEMMs: indexing
-    # w[e] in engine/moe/experts.py writes and adds a zero gradient of the whole stack. The
-    # datasheet rows assume grouped-GEMM experts without indexing (issue 11): 0; calibration
-    # measures the engine as it is.
-    expert_index_grad_passes: float = 0.0
     # Seconds per owned element of the optimizer step (AdamW + grad-norm); None: stream
     # ADAM_BYTES_PER_ELEM at HBM speed (CUDA's foreach kernels); calibration measures it.
     optimizer_s_per_elem: float | None = None
@@ -98,8 +97,13 @@ class StepEstimate:
 
 
 def _gemm(m: float, k: float, n: float, e: int, mach: Machine) -> float:
-    """Forward time of one [m, k] x [k, n] GEMM."""
-    return max(2 * m * k * n / mach.gemm_rate, e * (m * k + k * n + m * n) / mach.memory_rate)
+    """Forward time of one [m, k] x [k, n] GEMM: the output is computed in tiles, and a
+    GEMM pays about one tile's rows and columns beyond its own (the partly filled last
+    tiles and wave, the prologue and epilogue): rate x m/(m + m0) x n/(n + m0), m0 =
+    gemm_half_size. A routed expert's GEMM with few rows runs slower for it."""
+    half = mach.constants.gemm_half_size
+    shape_eff = (m / (m + half)) * (n / (n + half)) if half else 1.0
+    return max(2 * m * k * n / (mach.gemm_rate * shape_eff), e * (m * k + k * n + m * n) / mach.memory_rate)
 
 
 def _swiglu(m: float, h: int, f: int, e: int, mach: Machine) -> float:
@@ -130,21 +134,16 @@ def _layer(cfg: ModelConfig, is_moe: bool, p: ParallelConfig, train: TrainConfig
         ffn = (_gemm(t_sp, h, moe.num_experts, e, mach)
                + local * _swiglu(per_expert, h, moe.ffn_hidden_size // p.etp, e, mach)
                + (_swiglu(t, h, shared_f, e, mach) if shared_f else 0.0))
-        ops = OPS["moe_layer"] + OPS["per_expert"] * local + (OPS["shared"] if shared_f else 0)
-        # engine/moe/experts.py indexes w[e] per expert: each index's backward writes a zero
-        # gradient of the whole local [E_l, h, F] stack and adds it (3 stacks per layer).
-        stack = local * h * (moe.ffn_hidden_size // p.etp) * e
-        index_grads = c.expert_index_grad_passes * 3 * local * stack / mach.memory_rate
+        ops = OPS["moe_layer"] + (OPS["shared"] if shared_f else 0)
     else:
         ffn = _swiglu(t, h, cfg.ffn_hidden_size // p.tp, e, mach)
-        ops, index_grads = OPS["dense_layer"], 0.0
-    saved = layer_bytes(cfg, cfg.first_k_dense if is_moe else 0, mb, rows, p.etp, "none")
+        ops = OPS["dense_layer"]
+    saved = layer_bytes(cfg, kind_layer_id(cfg, is_moe), mb, rows, p.etp, "none")
     elementwise = c.elementwise_passes * saved / mach.memory_rate / 3   # forward share
     forward = proj + core + ffn + elementwise
     redo = {"none": 0.0, "selective": core, "full": forward, "remat_aware": forward - core}[train.recompute]
     redo_share = redo / forward
-    compute = c.compute_scale * (3 * forward + redo + ops * c.op_overhead_s * (1 + redo_share / 3)
-                                 + index_grads)
+    compute = c.compute_scale * (3 * forward + redo + ops * c.op_overhead_s * (1 + redo_share / 3))
 
     link, lat = mach.link, c.collective_latency_s
     tp_collectives = 2 + (2 if (not is_moe or shared_f) else 0)      # forward
@@ -184,10 +183,14 @@ def _ends(cfg: ModelConfig, p: ParallelConfig, train: TrainConfig, mach: Machine
                + mach.link.ring_time(tp_collective_bytes(t, cfg.hidden_size, e, p.tp), p.tp, 1)
                if p.tp > 1 else 0.0)
     compute = OPS["ends"] / 2 * mach.constants.op_overhead_s
+    tp = 2 * tp_each
     if last:
         loss = mach.constants.elementwise_passes * (e + 8) * t * vocab / mach.memory_rate
         compute += 3 * _gemm(t, cfg.hidden_size, vocab, e, mach) + loss
-    return {"compute": mach.constants.compute_scale * compute, "tp": 2 * tp_each, "cp": 0.0, "ep": 0.0}
+        if p.tp > 1:   # vocab-parallel cross-entropy: all-reduces of the row max, then (sum-exp, target)
+            tp += (LOSS_ALL_REDUCES * mach.constants.collective_latency_s
+                   + mach.link.ring_time(2 * tp_collective_bytes(t, 3, 4, p.tp), p.tp, 1))
+    return {"compute": mach.constants.compute_scale * compute, "tp": tp, "cp": 0.0, "ep": 0.0}
 
 
 def _p2p(p: ParallelConfig, train: TrainConfig, cfg: ModelConfig, mach: Machine) -> float:
@@ -241,10 +244,16 @@ def stage_times(cfg, p, train, mach, dispatcher, cache: dict | None = None,
 
 def _dp_and_optimizer(cfg, p, train, mach, stage_compute: float, ranks: list[RankInfo]
                       ) -> tuple[float, float]:
-    """(exposed gradient reduction, optimizer update) seconds of the slowest stage."""
+    """(exposed gradient reduction + ZeRO-1 parameter all-gather, optimizer update) seconds.
+
+    PP rank r finishes its last backward r backward steps (of one chunk) before rank 0 in
+    the schedule's cool-down, so its reduction has that much more time to hide (with
+    overlap_grad_reduce, also its last backward). The update needs every rank's reduced
+    gradients (the global grad norm), so it and the all-gather after it start together."""
     link, lat = mach.link, mach.constants.collective_latency_s
     param_bytes = 2 if train.precision == "bf16" else 4
-    worst_dp = worst_opt = 0.0
+    backward_step = 2 / 3 * stage_compute / p.vpp     # one chunk's backward, one micro-batch
+    worst_reduce = worst_gather = worst_opt = 0.0
     for info in ranks:
         count = info.count
         owned = owned_elements(count, p, train.zero1)
@@ -256,14 +265,14 @@ def _dp_and_optimizer(cfg, p, train, mach, stage_compute: float, ranks: list[Ran
         if train.zero1:   # the parameter all-gather (model dtype) runs after the update
             gather = reduce * param_bytes / (4 + param_bytes)
             reduce -= gather
-        if train.overlap_grad_reduce:
-            reduce = max(0.0, reduce - 2 / 3 * stage_compute)   # hidden by the last backward
-        worst_dp = max(worst_dp, reduce + gather)
+        hidden = info.rank * backward_step + (p.vpp * backward_step if train.overlap_grad_reduce else 0.0)
+        worst_reduce = max(worst_reduce, reduce - hidden)
+        worst_gather = max(worst_gather, gather)
         per_elem = mach.constants.optimizer_s_per_elem
         update = (owned * per_elem if per_elem is not None
                   else (ADAM_BYTES_PER_ELEM * owned + 4 * count.total) / mach.memory_rate)
         worst_opt = max(worst_opt, update)
-    return worst_dp, worst_opt
+    return max(0.0, worst_reduce) + worst_gather, worst_opt
 
 
 def estimate_step(cfg: ModelConfig, p: ParallelConfig, train: TrainConfig, mach: Machine, *,
@@ -277,11 +286,16 @@ def estimate_step(cfg: ModelConfig, p: ParallelConfig, train: TrainConfig, mach:
     stages = stage_times(cfg, p, train, mach, dispatcher, cache, ranks)
     slowest = max(stages.values(), key=lambda s: sum(s.values()))
     per_mb = sum(slowest.values())
-    bubble = (p.pp - 1) / p.vpp * per_mb
+    # Fill and drain: one micro-batch passes every other stage once (forward, then
+    # backward), the steady state runs at the slowest stage's pace: (sum - slowest)/vpp,
+    # = (pp - 1)/vpp x per_mb for balanced stages.
+    every_stage = sum(sum(stages[info.rank].values()) * info.copies for info in ranks)
+    bubble = max(every_stage - per_mb, 0.0) / p.vpp
     dp, optimizer = _dp_and_optimizer(cfg, p, train, mach, slowest["compute"], ranks)
     breakdown = {k: m * v for k, v in slowest.items()}
     breakdown.update(bubble=bubble, dp=dp, optimizer=optimizer)
     step = sum(breakdown.values())
-    flops = model_flops_per_iteration(cfg, train.global_batch_size, train.seq_len)
+    flops = _memo(cache, ("flops", train.global_batch_size, train.seq_len),
+                  lambda: model_flops_per_iteration(cfg, train.global_batch_size, train.seq_len))
     per_gpu = flops / (step * p.world_size)
     return StepEstimate(step, per_gpu / mach.device.peak_flops, per_gpu / 1e12, breakdown)

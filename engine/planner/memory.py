@@ -34,7 +34,8 @@ from engine.config.train import TrainConfig
 from .activations import (DispatchRows, MicroBatchShape, dispatcher_buffer_bytes, embedding_bytes,
                           head_bytes, layer_bytes, rematerialised_bytes, routed_bytes)
 from .schedule_memory import in_flight_per_chunk, schedule_name
-from .shards import ChunkKinds, ParamCount, largest_params, rank_chunks, rank_params, summarize
+from .shards import (ChunkKinds, ParamCount, kind_layer_id, largest_params, rank_chunks, rank_params,
+                     summarize)
 
 FP32 = 4
 FP64 = 8
@@ -111,7 +112,7 @@ def dispatch_rows(cfg: ModelConfig, p: ParallelConfig, sp_tokens: int, worst: bo
 
 def _kind_id(cfg: ModelConfig, is_moe: bool) -> int:
     """A layer id of that kind: layer costs depend on the layer only through it."""
-    return cfg.first_k_dense if is_moe else 0
+    return kind_layer_id(cfg, is_moe)
 
 
 def _microbatch(p: ParallelConfig, train: TrainConfig) -> MicroBatchShape:
@@ -270,18 +271,21 @@ def representative_ranks(rank_kinds: tuple[tuple[ChunkKinds, ...], ...]) -> list
 
 
 class RankInfo(NamedTuple):
-    """A representative PP rank with what the planner reuses across candidates."""
+    """A representative PP rank with what the planner reuses across candidates; `copies`:
+    the PP ranks with the same chunk composition (itself included)."""
     rank: int
     kinds: tuple
     summary: ChunkKinds
     count: ParamCount
     largest: ParamCount
+    copies: int = 1
 
 
 def rank_infos(cfg: ModelConfig, p: ParallelConfig, seq_len: int) -> list[RankInfo]:
     rank_kinds = rank_chunks(cfg, p.pp, p.vpp, seq_len)
     return [RankInfo(r, rank_kinds[r], summarize(rank_kinds[r]), rank_params(cfg, p, rank_kinds[r]),
-                     largest_params(cfg, p, rank_kinds[r])) for r in representative_ranks(rank_kinds)]
+                     largest_params(cfg, p, rank_kinds[r]), rank_kinds.count(rank_kinds[r]))
+            for r in representative_ranks(rank_kinds)]
 
 
 def rank_states(p: ParallelConfig, train: TrainConfig, ranks: list[RankInfo], device: str = "cuda"

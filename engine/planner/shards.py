@@ -62,10 +62,19 @@ def layer_params(cfg: ModelConfig, layer_id: int, p: ParallelConfig) -> ParamCou
     return _layer_kind_params(cfg, cfg.is_moe_layer(layer_id), p.tp, p.ep, p.etp)
 
 
+@lru_cache(maxsize=256)
+def kind_layer_id(cfg: ModelConfig, is_moe: bool) -> int:
+    """The first layer of that kind (MoE or dense FFN); per-layer costs and bytes depend on
+    the layer only through its kind. first_k_dense alone does not locate one: with
+    moe_layer_step > 1 or dense_layers, layer first_k_dense may be dense and layer 0 MoE.
+    0 when the model has no layer of that kind (its count is then 0 wherever it is used)."""
+    return next((i for i in range(cfg.num_layers) if cfg.is_moe_layer(i) == is_moe), 0)
+
+
 @lru_cache(maxsize=4096)
 def _layer_kind_params(cfg: ModelConfig, is_moe: bool, tp: int, ep: int, etp: int) -> ParamCount:
     p = ParallelConfig(world_size=tp * ep * etp, tp=tp, ep=ep, etp=etp)
-    layer_id = cfg.first_k_dense if is_moe else 0
+    layer_id = kind_layer_id(cfg, is_moe)
     return ParamCount(dense=attention_params(cfg, tp)) + ffn_params(cfg, layer_id, p)
 
 
@@ -153,7 +162,7 @@ def largest_params(cfg: ModelConfig, p: ParallelConfig, kinds: tuple[ChunkKinds,
     """The largest single dense and expert parameter tensor on a PP rank (elements): a
     bucket of the distributed optimizer is at least that big (engine/optim/buckets.py)."""
     h, d, moe = cfg.hidden_size, cfg.dim_head, cfg.moe
-    dense = max(h * d * cfg.num_heads // p.tp, h * cfg.ffn_hidden_size // p.tp if cfg.first_k_dense else 0,
+    dense = max(h * d * cfg.num_heads // p.tp, h * cfg.ffn_hidden_size // p.tp if cfg.num_dense_layers else 0,
                 h * moe.num_shared_experts * moe.shared_ffn_hidden_size // p.tp)
     if any(k.first or k.last for k in kinds):
         dense = max(dense, cfg.vocab_size * h // p.tp)
