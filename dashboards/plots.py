@@ -61,9 +61,13 @@ def _legend(ax) -> None:
 
 
 def loss_figure(runs: list[Run]) -> Figure:
+    """Training loss as lines; the held-out LM loss (`train/val_loss`, when the run has
+    train.eval_every) dashed with markers in the same run colour."""
     fig, (ax,) = _figure()
     drawn = _lines(ax, runs, "train/loss")
-    _style(ax, "Training loss (total: LM + aux + z)", "step", "loss")
+    has_val = _lines(ax, runs, "train/val_loss", style="o--", suffix=" val loss")
+    title = "Training loss (total: LM + aux + z)" + ("; validation: held-out LM loss" if has_val else "")
+    _style(ax, title, "step", "loss")
     _legend(ax) if drawn else _no_data(ax, "loss")
     fig.tight_layout()
     return fig

@@ -4,7 +4,7 @@ a self-contained HTML page (plots embedded), from MLflow runs or --metrics-jsonl
     python -m dashboards.report RUN_ID [RUN_ID ...] [--tracking-uri URI] [--out-dir DIR]
     python -m dashboards.report runs/m.jsonl [...]
 
-Plots: loss; tokens/s and MFU; per-layer expert load as a heatmap over steps; dropped-token
+Plots: loss and val loss; tokens/s and MFU; per-layer expert load as a heatmap over steps; dropped-token
 fraction; bytes per step by mesh axis; step time and its breakdown; restarts and world size
 over time. With two or more runs the curves are overlaid and a table lists the config keys
 whose values differ. The driver logs this report as each run's `report/` artifacts.
@@ -25,6 +25,7 @@ EXIT_INPUT = 2
 LAYOUT_KEYS = ("world_size", "tp", "cp", "dp", "pp", "ep", "etp", "edp", "vpp")
 STAT_ROWS = (  # (label, grouped metric, unit, skip the first step as warm-up)
     ("loss, last", "train/loss", "", False),
+    ("val loss, last", "train/val_loss", "", False),
     ("tokens/s, median", "throughput/tokens_per_s", "", True),
     ("MFU, median", "throughput/mfu", "%", True),
     ("step time, median", "time/step_s", " s", True),

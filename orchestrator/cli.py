@@ -3,6 +3,7 @@
     foldmoe train CONFIG.yaml [--set key=value ...] [--metrics-jsonl PATH] [--launcher ray|torchrun]
                               [--resume | --no-resume]
     foldmoe validate CONFIG.yaml [--set key=value ...] [--json]
+    foldmoe eval CONFIG.yaml [--set key=value ...] [--tokens FILE.jsonl] [--json] [--launcher inline|torchrun]
     foldmoe export CHECKPOINT_STEP_DIR OUT_DIR [--model-type T] [--max-shard-size 5GB]
     foldmoe plan CONFIG.yaml --gpus N [--gpu h100|h200|a100|b200|cpu] [--gpus-per-node 8]
                  [--top K] [--only tp=2,ep=8,...] [--calibrate] [--set ...] [--json]
@@ -23,6 +24,7 @@ import yaml
 from .config import ConfigError, RunConfig, add_config_arguments, load_config
 from .errors import EXIT_CONFIG
 from .driver import add_train_arguments, run_train_args
+from .eval_command import add_eval_parser, eval_command
 from .export_command import add_export_parser, export_command
 
 
@@ -37,6 +39,7 @@ def _parser() -> argparse.ArgumentParser:
                               help="check a config and print it with the folded layout")
     validate.add_argument("--json", action="store_true",
                           help="one JSON object: config, groups, memory")
+    add_eval_parser(sub)
     add_export_parser(sub)
     plan = sub.add_parser("plan", parents=[common],
                           help="rank every folded layout of N GPUs by predicted step time")
@@ -138,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_train_args(args, driver_start)
     if args.command == "export":
         return export_command(args)
+    if args.command == "eval":
+        return eval_command(args)
     try:
         run = load_config(args.config, args.overrides)
         if args.command == "plan":

@@ -104,6 +104,9 @@ def prepare_data(run: RunConfig, progress: bool) -> str:
         dataset = TokenDataset(prepared, run.train.seq_len)
     except (ValueError, OSError) as err:
         raise ConfigError(f"data.source={d.source}: {err}") from None
+    if run.train.eval_every:
+        from .eval_command import check_held_out
+        check_held_out(run, prepared)
     if dataset.vocab_size > run.model.vocab_size:
         raise ConfigError(f"model.vocab_size={run.model.vocab_size}: smaller than the tokenizer's "
                           f"vocabulary ({dataset.vocab_size}, data.tokenizer={d.tokenizer})")

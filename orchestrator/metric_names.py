@@ -10,7 +10,7 @@ from __future__ import annotations
 
 # flat record key -> grouped name
 GROUPED: dict[str, str] = {
-    "loss": "train/loss", "lm_loss": "train/lm_loss", "aux_loss": "train/aux_loss",
+    "loss": "train/loss", "lm_loss": "train/lm_loss", "val_loss": "train/val_loss", "aux_loss": "train/aux_loss",
     "z_loss": "train/z_loss", "grad_norm": "train/grad_norm", "lr": "train/lr",
     "tokens_per_s": "throughput/tokens_per_s", "tflops_per_device": "throughput/tflops_per_device",
     "mfu": "throughput/mfu",

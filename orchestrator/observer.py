@@ -175,6 +175,8 @@ class JobObserver:
             self._jsonl.write(json.dumps(record) + "\n")
             self._jsonl.flush()
         self.progress.update(record)
+        if isinstance(record.get("val_loss"), (int, float)):
+            self.progress.note(f"step {record['step'] + 1}: val_loss {record['val_loss']:.4f} (held-out split)")
 
     @property
     def finished_all_steps(self) -> bool:

@@ -21,11 +21,12 @@ from engine.checkpoint.manager import latest_checkpoint
 from engine.compose import build_trainer
 from engine.hf.reader import HFWeightSource
 from engine.config.job import JobSpec
-from engine.data import TokenDataset
+from engine.data.eval_data import TrainWindows, held_out_batches, held_out_windows
 from engine.metrics.peak import mfu, peak_flops_per_device, tflops_per_device
 from engine.metrics.memory import peak_memory_bytes
 from engine.models.transformer import count_parameters
 from engine.parallel.mesh import FoldedMesh
+from engine.train.evaluate import Evaluator, eval_due
 from engine.train.state import layout_of, load_resharded
 from engine.train.trainer import Trainer
 
@@ -109,7 +110,11 @@ def run_worker(spec: JobSpec, reporter: Reporter) -> dict:
                             attention_backend=spec.attention_backend, device=device,
                             weights=pretrained_weights(spec))
     model_built_at = time.time()
-    dataset = TokenDataset(spec.data_dir, spec.train.seq_len)
+    train = spec.train    # with train.eval_every, the held-out windows are never trained on
+    dataset = TrainWindows(spec.data_dir, train.seq_len, held_out_windows(train), train.global_batch_size)
+    validation = (held_out_batches(spec.data_dir, train.seq_len, train.eval_batches,
+                                   train.global_batch_size) if train.eval_every else [])
+    evaluator = Evaluator(trainer)
     manager = CheckpointManager(spec.checkpoint_dir, spec.checkpoint_keep, rank, world,
                                 barrier=dist.barrier)
     resumed_from = resume(trainer, manager, spec)
@@ -123,13 +128,14 @@ def run_worker(spec: JobSpec, reporter: Reporter) -> dict:
                     "peak_flops_source": peak_source, "device": str(device),
                     "params": count_parameters(spec.model), **memory})
     record: dict = {}
-    train = spec.train
     for step in range(resumed_from or 0, train.steps):
         batch = dataset.global_batch(step, train.global_batch_size, train.seed)
         metrics = trainer.train_step(step, batch)
         record = step_record(step, metrics, world, peak)
         (record["memory_peak_bytes"],) = max_over_ranks([peak_memory_bytes(device)], device)
         record.update(memory)
+        if eval_due(train, step + 1):
+            record["val_loss"] = evaluator.mean_loss(validation)
         record["checkpointed"] = _should_save(spec, step + 1)
         if record["checkpointed"]:
             manager.save(step + 1, trainer.checkpoint_state())

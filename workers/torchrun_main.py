@@ -11,6 +11,7 @@ from datetime import timedelta
 import torch.distributed as dist
 
 from engine.config.job import JobSpec
+from workers.eval_worker import run_eval
 from workers.loop import run_worker
 from workers.reporters import FileReporter
 
@@ -23,7 +24,10 @@ def main(argv: list[str] | None = None) -> int:
     # A dead or stuck peer must fail the collectives (and trigger a restart), not hang forever.
     dist.init_process_group(backend, timeout=timedelta(seconds=spec.collective_timeout_s))
     try:
-        run_worker(spec, FileReporter(spec.events_path, dist.get_rank()))
+        if spec.task == "eval":
+            run_eval(spec)
+        else:
+            run_worker(spec, FileReporter(spec.events_path, dist.get_rank()))
     finally:
         dist.destroy_process_group()
     return 0

@@ -37,6 +37,8 @@ class JobSpec:
     resume: bool = True
     init_from: str | None = None      # HF model dir: initial weights when no checkpoint exists
     layouts: dict[str, dict[str, Any]] = field(default_factory=dict)   # world size -> degrees
+    task: str = "train"               # "train" | "eval" (foldmoe eval: workers/eval_worker.py)
+    eval_tokens: str | None = None    # eval: a JSONL of {"input_ids": [...]} rows (else the held-out split)
 
     def parallel_config(self, world_size: int) -> ParallelConfig:
         """The layout the orchestrator chose for `world_size` (`parallel.auto`), else the

@@ -48,11 +48,16 @@ class TrainConfig:
     zero1: bool = False                 # shard optimizer state over dp x cp / edp
     overlap_grad_reduce: bool = False   # launch bucket reductions from backward hooks
     pipeline_schedule: str = "auto"     # auto (1f1b; interleaved when parallel.vpp > 1) | gpipe | 1f1b | interleaved
+    eval_every: int = 0                 # val_loss every N steps (and at the last step) on the held-out split; 0 = off
+    eval_batches: int = 1               # global batches in the held-out split (engine/data/eval_data.py)
 
     def __post_init__(self) -> None:
         for key in ("steps", "global_batch_size", "micro_batch_size", "seq_len"):
             if getattr(self, key) < 1:
                 raise ValueError(f"train.{key}={getattr(self, key)}: must be >= 1")
+        if self.eval_every < 0 or self.eval_batches < 1:
+            raise ValueError(f"train.eval_every={self.eval_every}, train.eval_batches={self.eval_batches}: "
+                             "need eval_every >= 0 (0 = off) and eval_batches >= 1")
         if self.precision not in PRECISIONS:
             raise ValueError(f"train.precision={self.precision!r}: expected one of {PRECISIONS}")
         _check_schedule_name(self.pipeline_schedule)

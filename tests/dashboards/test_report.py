@@ -21,7 +21,8 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 def _record(step, loss, tok_s, restarts=0, dropped=0.0, layer_load=1.5):
-    return {"step": step, "time": 1000.0 + 10 * step + 30 * restarts, "loss": loss,
+    val = {"val_loss": loss + 0.25} if step % 2 else {}     # train.eval_every: 2
+    return {**val, "step": step, "time": 1000.0 + 10 * step + 30 * restarts, "loss": loss,
             "tokens_per_s": tok_s, "mfu": tok_s / 1e5, "step_time_s": 1.0, "time_data_s": 0.05,
             "time_forward_backward_s": 0.8, "time_grad_sync_s": 0.05, "time_optimizer_s": 0.07,
             "time_metrics_s": 0.03, "load_imbalance": layer_load, "dropped_token_fraction": dropped,
@@ -79,6 +80,20 @@ def test_figures_by_hand(two_runs):
     assert table["load imbalance, mean"] == ["1.667", "1.45"]
     assert table["ep bytes per step, mean"] == ["2.00 KiB", "2.00 KiB"]
     assert table["loss, last"] == ["1.5", "2.5"]
+    assert table["val loss, last"] == ["1.75", "2.75"]     # step 5 of each run
+
+
+def test_loss_plot_draws_val_loss_when_present(two_runs):
+    from dashboards.plots import loss_figure
+
+    runs = [load_jsonl(p) for p in two_runs]
+    lines = {line.get_label(): line for line in loss_figure(runs).axes[0].lines}
+    assert set(lines) == {"run-a", "run-b", "run-a val loss", "run-b val loss"}
+    val = lines["run-a val loss"]
+    assert list(val.get_xdata()) == [1, 3, 5] and list(val.get_ydata()) == [5.25, 3.25, 1.75]
+    assert val.get_linestyle() == "--" and val.get_color() == lines["run-a"].get_color()
+    without = Run("c", "c", [{"step": 0, "train/loss": 1.0}])
+    assert [line.get_label() for line in loss_figure([without]).axes[0].lines] == ["c"]
 
 
 def test_config_diff_lists_only_the_keys_that_differ():
