@@ -87,12 +87,13 @@ class JobObserver:
         elif kind == "failure":
             self.accounting.on_failure(event)
             self.stats.failures.append(event)
-            self._pending_failure_at = event.get("time", time.time())
+            if self._pending_failure_at is None:    # recovery: from the first failure of an outage
+                self._pending_failure_at = event.get("time", time.time())
             self.progress.end_phase()
             self.progress.note(f"worker group failed (failure {len(self.accounting.failures)}: "
                                f"{event.get('error', '?')}); restarting from the newest "
                                "checkpoint that verifies")
-            self.progress.phase("restart: place workers", started=self._pending_failure_at)
+            self.progress.phase("restart: place workers", started=event.get("time"))
 
     @property
     def fatal_error(self) -> str | None:
