@@ -132,7 +132,7 @@ def load_newest_verified(root: str, try_load: Callable[[str], Any], *, rank: int
         held = quarantined(root)
         if held:
             raise NoVerifiedCheckpointError(
-                f"{root}: no complete checkpoint, and {len(held)} in {os.path.join(root, QUARANTINE)} "
+                f"no complete checkpoint, and {len(held)} in {os.path.join(root, QUARANTINE)} "
                 f"({', '.join(held[:3])}{', ...' if len(held) > 3 else ''}) failed verification; "
                 "move a repaired one back, or start over with --no-resume (checkpoint.resume=false)")
         return None
@@ -165,7 +165,7 @@ def load_newest_verified(root: str, try_load: Callable[[str], Any], *, rank: int
                  f"{'' if len(outcomes) == 1 else f', found by rank {first_rank}'}: {message}); "
                  f"moved to {moved}; {older}")
     raise NoVerifiedCheckpointError(
-        f"{root}: no checkpoint verifies ({'; '.join(problems)}); they are kept in "
+        f"no checkpoint verifies ({'; '.join(problems)}); they are kept in "
         f"{os.path.join(root, QUARANTINE)}; move a repaired one back, or start over with "
         "--no-resume (checkpoint.resume=false)")
 

@@ -83,3 +83,29 @@ def test_killed_driver_is_marked_killed_and_a_corrupt_newest_checkpoint_falls_ba
     assert f"MLflow run {killed.info.run_id}" in out.stderr and "marked KILLED" in out.stderr
     print(f"\n[figures] resume after two corrupt checkpoints: {time.monotonic() - started:.1f}s "
           f"for the second job ({newest + 1 - third} steps from step {third})")
+
+    # Every checkpoint left corrupt where only the ranks look (a tensor file's bytes): the
+    # workers walk back through all of them and the driver ends the job after that one
+    # attempt, with one line, instead of the launcher retrying the same load.
+    for shard in ckpt.glob("step*/rank00001.safetensors"):
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 2] ^= 0x10
+        shard.write_bytes(bytes(data))
+    started = time.monotonic()
+    last = run_cli([*args, *set_args(job_overrides(tmp_path, data_cache, steps=newest + 2, every=1,
+                                                    extra=common))], cwd=tmp_path)
+    elapsed = time.monotonic() - started
+    assert last.returncode == 1, last.stdout[-3000:] + last.stderr[-3000:]
+    (error,) = [line for line in last.stderr.splitlines() if line.startswith("error: ")]
+    assert error.startswith(f"error: checkpoint.dir={ckpt}: no checkpoint verifies (step")
+    assert not list(ckpt.glob("step*")) and "--no-resume" in error
+    job_dir = max((tmp_path / "runs").iterdir(), key=os.path.getmtime)
+    assert [e["type"] for e in read_jsonl(job_dir / "events.jsonl")].count("placed") == 1
+    assert client.get_run(only_failed(client)).info.status == "FAILED"
+    print(f"[figures] no checkpoint verifies: the job failed after one attempt in {elapsed:.1f}s")
+
+
+def only_failed(client) -> str:
+    exp = client.get_experiment_by_name("foldmoe")
+    (run,) = client.search_runs([exp.experiment_id], filter_string="attributes.status = 'FAILED'")
+    return run.info.run_id
