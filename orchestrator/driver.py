@@ -33,6 +33,7 @@ from .preflight import run_preflight
 from .progress import ProgressDisplay
 from .ray_output import RayOutputCapture
 from .report_artifacts import log_report
+from .stale_runs import write_driver_file
 from .summary import already_complete_message, print_job_end, status_line, summary_rows
 from .tracking import Tracker, resolve_tracking_uri, source_tags
 
@@ -141,6 +142,7 @@ def _open_tracker(run: RunConfig, launcher: str, job_dir: str, progress: Progres
     tracker.log_params(flatten(resolved))
     tracker.log_text(yaml.safe_dump(resolved, sort_keys=False), "config.yaml")
     tracker.start_system_metrics()
+    write_driver_file(job_dir, tracker.run_id, uri)
     return tracker
 
 
@@ -320,6 +322,8 @@ def _follow(worker_group, tails: list[EventTail], observer: JobObserver, stop: S
         drain()
         if stop.signum is not None:
             return None
+        if observer.fatal_error:     # a retry would fail the same way: end the job now
+            return 1
         rc = worker_group.poll()
         if rc is not None:
             drain()
@@ -352,7 +356,7 @@ def _finish(result: JobResult, rc: int | None, signum: int | None, worker_group,
         result.error = result.error or f"stopped by {signal.Signals(signum).name}"
     else:
         result.rc = rc if rc is not None else 1
-        result.error = result.error or getattr(worker_group, "error", None)
+        result.error = result.error or observer.fatal_error or getattr(worker_group, "error", None)
         progress.close_bar()
         observer.close()
         worker_group.close()

@@ -3,7 +3,9 @@
 
 Runs in the driver only, so exactly one process writes to MLflow whatever the number of
 workers or restarts. Event types: "placed" (rank 0 of a new worker group is up), "start"
-(model built, checkpoint loaded), "step", and the controller's "failure".
+(model built, checkpoint loaded), "step", "checkpoint_fallback" (a checkpoint failed
+verification and was moved aside), "fatal" (a refusal no restart can fix: the driver ends
+the job), and the controller's "group_start" and "failure" (orchestrator/accounting.py).
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 
+from .accounting import FIRST_START, Accounting
 from .progress import ProgressDisplay
 from .tracking import Tracker
 
@@ -58,26 +61,44 @@ class JobObserver:
         self.auto_choice = auto_choice         # world_size -> planner row (parallel.auto), or None
         self._starts = 0
         self.stats = JobStats(driver_start=driver_start)
+        self.accounting = Accounting()
         self._jsonl = open(metrics_jsonl, "a", encoding="utf-8") if metrics_jsonl else None
         self._started_once = False
         self._pending_failure_at: float | None = None
         self._first_step_of_group = True
+        self._accounting_logged = False
 
     def handle(self, event: dict) -> None:
         kind = event.get("type")
         if kind == "placed":
+            self.accounting.on_placed(event)
             self.progress.phase("build the model", started=event["time"])
+        elif kind == "group_start":
+            self.accounting.on_group_start(event)
         elif kind == "start":
             self._on_start(event)
         elif kind == "step":
             self._on_step(event)
+        elif kind == "checkpoint_fallback":
+            self.accounting.on_fallback(event)
+            self.progress.warn(event.get("message", "a checkpoint failed verification"))
+        elif kind == "fatal":
+            self.accounting.on_fatal(event)
         elif kind == "failure":
+            self.accounting.on_failure(event)
             self.stats.failures.append(event)
-            self._pending_failure_at = event.get("time", time.time())
+            if self._pending_failure_at is None:    # recovery: from the first failure of an outage
+                self._pending_failure_at = event.get("time", time.time())
             self.progress.end_phase()
-            self.progress.note(f"worker group failed ({event.get('error', '?')}); "
-                               "restarting from the latest checkpoint")
-            self.progress.phase("restart: place workers", started=self._pending_failure_at)
+            self.progress.note(f"worker group failed (failure {len(self.accounting.failures)}: "
+                               f"{event.get('error', '?')}); restarting from the newest "
+                               "checkpoint that verifies")
+            self.progress.phase("restart: place workers", started=event.get("time"))
+
+    @property
+    def fatal_error(self) -> str | None:
+        """A worker's refusal that no restart can fix (the driver stops the job)."""
+        return self.accounting.fatal
 
     def _on_start(self, event: dict) -> None:
         resumed = event.get("resumed_from_step")
@@ -89,8 +110,13 @@ class JobObserver:
             self.progress.phase("look up the device peak", started=loaded)
         where = (f"resumed at step {resumed} (--no-resume starts over)" if resumed is not None
                  else "starting at step 0")
+        group = self.accounting.on_start(event)
+        how = "" if group.cause == FIRST_START else f" (restart {group.group - 1}, after {group.cause})"
         self.progress.end_phase(event["time"])
-        self.progress.note(f"worker group up: world size {event['world_size']}, {where}; "
+        if self.tracker is not None:
+            self.tracker.log_metric("cluster/restarts", self.accounting.restarts, step=resumed or 0)
+        # Written only now: this event comes after the checkpoint was loaded on every rank.
+        self.progress.note(f"worker group {group.group} up{how}: world size {event['world_size']}, {where}; "
                            f"peak {event['peak_flops'] / 1e12:.3g} TFLOP/s/device "
                            f"({event['peak_flops_source']})")
         self.progress.phase("first step", started=event["time"])
@@ -165,7 +191,9 @@ class JobObserver:
         if self._pending_failure_at is not None:
             s.recovery_s.append(record["time"] - self._pending_failure_at)
             self._pending_failure_at = None
-        s.restarts = max(s.restarts, int(record.get("restarts", 0)))
+        # The driver's count (every group start), not the worker's (groups it saw come up).
+        record["restarts"] = self.accounting.restarts
+        s.restarts = self.accounting.restarts
         s.last_record = record
         if self.tracker is not None:
             self.tracker.log_step(record["step"], record, record["time"])
@@ -187,14 +215,24 @@ class JobObserver:
         if self._jsonl is not None:
             self._jsonl.close()
             self._jsonl = None
+        if self.tracker is not None and not self._accounting_logged:
+            self._accounting_logged = True
+            a = self.accounting
+            for key, value in (("restarts", a.restarts), ("group_starts", a.group_starts),
+                               ("failures", len(a.failures)), ("checkpoint_fallbacks", len(a.fallbacks))):
+                self.tracker.log_metric(f"job/{key}", value, step=0)
+            self.tracker.set_tag("foldmoe.restarts", str(a.restarts))
+            self.tracker.log_text(json.dumps(a.as_dict(), indent=1, default=str), "restarts.json")
 
     def summary(self, now: float | None = None) -> dict:
         now = time.time() if now is None else now
         s = self.stats
         median = (lambda v: statistics.median(v) if v else None)
+        a = self.accounting
         return {"job_time_s": now - s.driver_start,
                 "time_to_first_step_s": (s.first_step_at - s.driver_start) if s.first_step_at else None,
-                "restarts": s.restarts, "steps_seen": s.steps_seen,
+                "restarts": a.restarts, "group_starts": a.group_starts, "failures": len(a.failures),
+                "checkpoint_fallbacks": a.fallbacks, "steps_seen": s.steps_seen,
                 "last_step": s.last_record["step"] if s.last_record else None,
                 "resumed_from_step": s.resumed_from_step, "tokens": s.tokens,
                 "tokens_per_s": median(s.steady_tokens_per_s), "mfu": median(s.steady_mfu),

@@ -1,14 +1,31 @@
-"""What the driver checks about the checkpoint directory before anything starts: the newest
-checkpoint's model (another one is refused in one line), its layout (another one is resharded
-on load, said before the start), and whether the run is already complete. Reads only JSON: no
-torch import before the preflight."""
+"""What the driver checks about the checkpoint directory before anything starts, with the
+same walk-back as the workers (engine/checkpoint/fallback.py): a newest checkpoint that
+fails verification (malformed or edited manifest, truncated or missing file, rank files
+that do not match their hashes) is moved to quarantine/ with a warning and the next older
+one is checked; one of another model is refused in one line; one of another layout is
+resharded on load, said before the start; a run whose newest verified checkpoint is at
+train.steps is already complete. Elastic runs get the same checks.
+
+The driver verifies everything except the SHA-256 of the tensor files, which the ranks
+hash in parallel as they read them (hashing a multi-TB checkpoint on one machine before
+every start would cost minutes); a tensor file that fails there makes the workers walk
+back the same way, and the driver shows their decision. The one exception is a run that
+would stop as already complete: its checkpoint is hashed in full first. Reads only JSON
+and file sizes otherwise: no torch import before the preflight for a first run."""
 from __future__ import annotations
 
-import json
 import os
+import sys
+from typing import Callable
 
 from .config import RunConfig
 from .errors import ConfigError
+
+Warn = Callable[[str], None]
+
+
+def _to_stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def latest_checkpoint_path(checkpoint_dir: str) -> str | None:
@@ -17,50 +34,67 @@ def latest_checkpoint_path(checkpoint_dir: str) -> str | None:
     return latest_checkpoint(checkpoint_dir)
 
 
-def check_resumable(run: RunConfig, checkpoint_dir: str) -> str | None:
-    """Before anything starts: refuses a newest checkpoint of another model (one line), and
-    says when one of another world size or layout will be resharded on load."""
-    if not os.path.isdir(checkpoint_dir):
-        return None     # a first run: no checkpoint, and no torch import before the preflight
-    from engine.checkpoint import describe_layout_diff, latest_checkpoint
-    from engine.checkpoint.files import read_json
-    from engine.checkpoint.manager import MANIFEST, rank_file_names
+def _walk(checkpoint_dir: str, try_load, warn: Warn):
+    """load_newest_verified in the driver; its refusals become one-line config errors."""
+    from engine.checkpoint import CheckpointError
+    from engine.checkpoint.fallback import load_newest_verified
+
+    try:
+        return load_newest_verified(checkpoint_dir, try_load, warn=warn)
+    except CheckpointError as err:
+        raise ConfigError(f"checkpoint.dir={checkpoint_dir}: {err}") from None
+
+
+def _same_model(run: RunConfig, verify):
+    """try_load for the driver: `verify`, then the saved model must be the configured one."""
+    from engine.checkpoint import CheckpointError
     from engine.config.model import shape_differences
+
+    def try_load(path: str):
+        manifest, meta = verify(path)
+        differences = shape_differences(meta.get("model") or {}, run.model)
+        if differences:
+            raise CheckpointError(
+                f"its checkpoint {os.path.basename(path)} (step {manifest['step']}) holds another "
+                f"model ({differences}, saved vs this config); use the same model, another "
+                "checkpoint.dir, or checkpoint.resume=false")
+        return manifest
+    return try_load
+
+
+def check_resumable(run: RunConfig, checkpoint_dir: str, warn: Warn = _to_stderr) -> str | None:
+    """Before anything starts: walks back past checkpoints that fail verification (moved to
+    quarantine/), refuses one of another model (one line), and says when the one to resume
+    has another world size or layout and will be resharded on load."""
+    if not os.path.isdir(checkpoint_dir) or not run.schema.checkpoint.resume:
+        return None     # a first run: no checkpoint, and no torch import before the preflight
+    from engine.checkpoint import describe_layout_diff
+    from engine.checkpoint.fallback import verify_structure
     from engine.train.state import layout_of_config
 
-    latest = latest_checkpoint(checkpoint_dir)
-    if not run.schema.checkpoint.resume or latest is None:
+    found = _walk(checkpoint_dir, _same_model(run, verify_structure), warn)
+    if found is None:
         return None
-    try:
-        manifest = read_json(os.path.join(latest, MANIFEST))
-        saved_model = read_json(os.path.join(latest, rank_file_names(0)[1]))["meta"].get("model") or {}
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise ConfigError(f"checkpoint.dir={checkpoint_dir}: {latest} is not a readable checkpoint "
-                          f"({type(err).__name__}: {err}); move it aside or set "
-                          "checkpoint.resume=false") from None
-    differences = shape_differences(saved_model, run.model)
-    if differences:
-        raise ConfigError(
-            f"checkpoint.dir={checkpoint_dir}: its latest checkpoint (step {manifest.get('step')}) "
-            f"holds another model ({differences}, saved vs this config); use the same model, "
-            "another checkpoint.dir, or checkpoint.resume=false")
+    manifest = found[1]
     current = layout_of_config(run.parallel(run.world_sizes[-1]))
-    if run.elastic or manifest.get("layout") == current:
+    if run.elastic or manifest["layout"] == current:
         return None
-    return (f"resharding the checkpoint of step {manifest.get('step')} on load: "
-            f"{describe_layout_diff(manifest.get('layout'), current)}")
+    return (f"resharding the checkpoint of step {manifest['step']} on load: "
+            f"{describe_layout_diff(manifest['layout'], current)}")
 
 
-def completed_step(run: RunConfig, checkpoint_dir: str) -> tuple[str, int] | None:
-    """(newest checkpoint, its step) when resuming it would leave nothing to train."""
-    if not os.path.isdir(checkpoint_dir):
+def completed_step(run: RunConfig, checkpoint_dir: str, warn: Warn = _to_stderr) -> tuple[str, int] | None:
+    """(newest verified checkpoint, its step) when resuming it would leave nothing to train;
+    that checkpoint is hashed in full first, since nothing else would read it."""
+    if not os.path.isdir(checkpoint_dir) or not run.schema.checkpoint.resume:
         return None
-    from engine.checkpoint import latest_checkpoint
-    from engine.checkpoint.manager import MANIFEST
+    from engine.checkpoint import complete_checkpoints
+    from engine.checkpoint.fallback import verify_everything
 
-    latest = latest_checkpoint(checkpoint_dir)
-    if not run.schema.checkpoint.resume or latest is None:
+    found = complete_checkpoints(checkpoint_dir)
+    if not found or found[-1][0] < run.train.steps:
         return None
-    with open(os.path.join(latest, MANIFEST), encoding="utf-8") as handle:
-        step = int(json.load(handle).get("step", 0))
-    return (latest, step) if step >= run.train.steps else None
+    verified = _walk(checkpoint_dir, _same_model(run, verify_everything), warn)
+    if verified is None or int(verified[1]["step"]) < run.train.steps:
+        return None
+    return verified[0], int(verified[1]["step"])

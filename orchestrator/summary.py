@@ -31,11 +31,9 @@ def summary_rows(summary: dict, *, total_steps: int, checkpoint_dir: str, newest
     if s.get("mfu") is not None:
         peak = (s.get("peak_flops_source") or "").split(" (")[0]
         rows.append(("MFU", f"{100 * s['mfu']:.2f}% (median; {peak})"))
-    recovery = s.get("recovery_s") or []
-    restarts = f"{s.get('restarts', 0)}"
-    if recovery:
-        restarts += " (recovery " + ", ".join(f"{r:.1f} s" for r in recovery) + ")"
-    rows.append(("restarts", restarts))
+    rows.append(("restarts", restarts_text(s)))
+    for message in s.get("checkpoint_fallbacks") or []:
+        rows.append(("checkpoint fallback", message.removeprefix("warning: ")))
     first = s.get("time_to_first_step_s")
     rows.append(("time", f"first step after {'n/a' if first is None else f'{first:.1f} s'}, "
                          f"job {s.get('job_time_s', 0):.1f} s"))
@@ -46,6 +44,20 @@ def summary_rows(summary: dict, *, total_steps: int, checkpoint_dir: str, newest
     if ray_errors:
         rows.append(("Ray errors", ray_errors))
     return rows
+
+
+def restarts_text(s: dict) -> str:
+    """'2 (3 worker groups, 2 failures; recovery 14.2 s, 15.0 s)': restarts = group starts - 1."""
+    text = f"{s.get('restarts', 0)}"
+    groups, failures = s.get("group_starts"), s.get("failures")
+    details = []
+    if groups is not None:
+        details.append(f"{groups} worker group{'s' if groups != 1 else ''}, "
+                       f"{failures or 0} failure{'s' if failures != 1 else ''}")
+    recovery = s.get("recovery_s") or []
+    if recovery:
+        details.append("recovery " + ", ".join(f"{r:.1f} s" for r in recovery))
+    return text + (f" ({'; '.join(details)})" if details else "")
 
 
 def print_job_end(progress: ProgressDisplay, rc: int, summary: dict, rows: list[tuple[str, str]],

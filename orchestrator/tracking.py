@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 from .metric_names import grouped_metrics
+from .stale_runs import identity_tags, mark_abandoned_runs
 
 DEFAULT_URI_FILE = "mlflow.db"
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -79,11 +80,22 @@ class Tracker:
         found = self.client.get_experiment_by_name(experiment)
         experiment_id = found.experiment_id if found else self.client.create_experiment(
             experiment, artifact_location=_artifacts_beside_sqlite(uri))
-        run = self.client.create_run(experiment_id, run_name=run_name, tags=tags or {})
+        self.abandoned_runs = self._mark_abandoned(experiment_id) if found else []
+        run = self.client.create_run(experiment_id, run_name=run_name,
+                                     tags={**(tags or {}), **identity_tags()})
         self.run_id = run.info.run_id
         self.experiment_id = experiment_id
         self._warned = False
         self._finished = False
+
+    def _mark_abandoned(self, experiment_id: str) -> list[str]:
+        """Runs of this experiment left RUNNING by a driver that died (orchestrator/stale_runs.py)."""
+        try:
+            return mark_abandoned_runs(self.client, experiment_id, self._warn)
+        except Exception as err:  # noqa: BLE001 - a stale run must not stop a new job
+            self._warn(f"warning: could not check the experiment for abandoned runs "
+                       f"({type(err).__name__}: {err})")
+            return []
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param

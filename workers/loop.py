@@ -27,8 +27,9 @@ from engine.metrics.memory import peak_memory_bytes
 from engine.models.transformer import count_parameters
 from engine.parallel.mesh import FoldedMesh
 from engine.train.evaluate import Evaluator, eval_due
-from engine.train.state import layout_of, load_resharded
+from engine.train.state import layout_of
 from engine.train.trainer import Trainer
+from workers.checkpoint_resume import resume_newest_verified
 
 
 class Reporter(Protocol):
@@ -37,6 +38,8 @@ class Reporter(Protocol):
     def start(self, info: dict) -> None: ...
 
     def step(self, record: dict) -> None: ...
+
+    def event(self, event_type: str, **fields) -> None: ...
 
 
 def worker_device(spec: JobSpec) -> torch.device:
@@ -58,18 +61,16 @@ def write_pid_file(job_dir: str, rank: int) -> None:
     os.replace(tmp, os.path.join(pid_dir, f"rank{rank}.pid"))
 
 
-def resume(trainer: Trainer, manager: CheckpointManager, spec: JobSpec) -> int | None:
-    """Loads the newest complete checkpoint; returns its step, or None for a fresh start.
+def resume(trainer: Trainer, manager: CheckpointManager, spec: JobSpec,
+           reporter: Reporter) -> int | None:
+    """Loads the newest checkpoint that verifies on every rank (walking back past corrupt
+    ones, workers/checkpoint_resume.py); returns its step, or None for a fresh start.
 
     The checkpoint may come from any world size and layout: each rank reads only the
     regions of the saved shards it needs (engine.train.state.load_resharded)."""
     if not spec.resume:
         return None
-    path = manager.latest()
-    if path is None:
-        return None
-    load_resharded(trainer, path)
-    return trainer.completed_steps
+    return resume_newest_verified(trainer, manager.root, reporter.event)
 
 
 def _should_save(spec: JobSpec, completed: int) -> bool:
@@ -117,7 +118,7 @@ def run_worker(spec: JobSpec, reporter: Reporter) -> dict:
     evaluator = Evaluator(trainer)
     manager = CheckpointManager(spec.checkpoint_dir, spec.checkpoint_keep, rank, world,
                                 barrier=dist.barrier)
-    resumed_from = resume(trainer, manager, spec)
+    resumed_from = resume(trainer, manager, spec, reporter)
     checkpoint_loaded_at = time.time()
     peak, peak_source = peak_flops_per_device(device, spec.train.precision)
     build_peak, held = max_over_ranks([trainer.build_peak_bytes or 0, trainer.param_bytes], device)

@@ -13,8 +13,9 @@ from workers.events import EventTail, EventWriter
 
 
 def previous_starts(events_path: str) -> int:
-    """Worker groups of this job that came up before this one."""
-    return sum(1 for e in EventTail(events_path).read() if e.get("type") == "start")
+    """Worker groups of this job that came up before this one (their rank 0 wrote "placed",
+    also those that then failed to load a checkpoint)."""
+    return sum(1 for e in EventTail(events_path).read() if e.get("type") == "placed")
 
 
 class FileReporter:
@@ -39,6 +40,11 @@ class FileReporter:
     def step(self, record: dict) -> None:
         if self.writer:
             self.writer.write("step", restarts=self.restarts, **record)
+
+    def event(self, event_type: str, **fields) -> None:
+        """Any other event of this group (a checkpoint fallback, a fatal refusal)."""
+        if self.writer:
+            self.writer.write(event_type, restarts=self.restarts, **fields)
 
 
 class RayReporter(FileReporter):

@@ -29,10 +29,20 @@ MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"step(\d{8,})")
 _TMP_PREFIX = ".tmp-step"
 _OLD_PREFIX = ".old-step"
+_MANIFEST_KEYS = ("step", "world_size", "layout", "files")
 
 
 class CheckpointError(ValueError):
     """A checkpoint that is corrupt, incomplete, or does not fit this run."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A checkpoint that fails verification (hash, size, missing file, malformed manifest):
+    loading walks back past it (engine/checkpoint/fallback.py). `reason` is a short tag."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
 
 
 def step_dir_name(step: int) -> str:
@@ -174,13 +184,22 @@ def read_manifest(path: str) -> dict:
     """The manifest of a complete checkpoint, after checking its format."""
     manifest_path = os.path.join(path, MANIFEST)
     if not os.path.isfile(manifest_path):
-        raise CheckpointError(f"{path}: no {MANIFEST}; the checkpoint is incomplete (killed "
-                              "mid-save?) and cannot be loaded")
-    manifest = read_json(manifest_path)
-    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{manifest_path}: format {manifest.get('format')!r} version "
-                              f"{manifest.get('format_version')!r}; expected {FORMAT!r} "
-                              f"version {FORMAT_VERSION}")
+        raise CorruptCheckpointError(f"{path}: no {MANIFEST}; the checkpoint is incomplete "
+                                     "(killed mid-save?) and cannot be loaded", "missing-manifest")
+    try:
+        manifest = read_json(manifest_path)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise CorruptCheckpointError(f"{manifest_path}: not valid JSON ({err})", "bad-manifest") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT \
+            or manifest.get("format_version") != FORMAT_VERSION:
+        found = manifest if isinstance(manifest, dict) else {}
+        raise CorruptCheckpointError(f"{manifest_path}: format {found.get('format')!r} version "
+                                     f"{found.get('format_version')!r}; expected {FORMAT!r} "
+                                     f"version {FORMAT_VERSION}", "bad-manifest")
+    missing = [key for key in _MANIFEST_KEYS if key not in manifest]
+    if missing or not isinstance(manifest["files"], dict) or not isinstance(manifest["world_size"], int):
+        raise CorruptCheckpointError(f"{manifest_path}: malformed (missing or mistyped "
+                                     f"{missing or ['files', 'world_size']})", "bad-manifest")
     return manifest
 
 
@@ -195,12 +214,19 @@ def describe_layout_diff(saved: dict | None, current: dict) -> str:
 def verify_file(path: str, name: str, manifest: dict) -> None:
     file_path = os.path.join(path, name)
     expected = manifest["files"].get(name)
-    if expected is None or not os.path.isfile(file_path):
-        raise CheckpointError(f"{file_path}: missing from the checkpoint or its manifest")
+    if not isinstance(expected, dict) or not os.path.isfile(file_path):
+        raise CorruptCheckpointError(f"{file_path}: missing from the checkpoint or its manifest",
+                                     "missing-file")
+    size = os.path.getsize(file_path)
+    if isinstance(expected.get("bytes"), int) and size != expected["bytes"]:
+        raise CorruptCheckpointError(f"{file_path}: {size} bytes, the manifest says "
+                                     f"{expected['bytes']}; the file is truncated or was modified",
+                                     "truncated" if size < expected["bytes"] else "size-mismatch")
     actual = sha256_file(file_path)
-    if actual != expected["sha256"]:
-        raise CheckpointError(f"{file_path}: SHA-256 mismatch (manifest {expected['sha256']}, "
-                              f"file {actual}); the file is corrupt or was modified")
+    if actual != expected.get("sha256"):
+        raise CorruptCheckpointError(f"{file_path}: SHA-256 mismatch (manifest {expected.get('sha256')}, "
+                                     f"file {actual}); the file is corrupt or was modified",
+                                     "sha256-mismatch")
 
 
 def _storable(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

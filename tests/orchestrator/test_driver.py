@@ -107,3 +107,47 @@ def test_gpus_that_are_not_there_are_refused_by_the_preflight(tmp_path, data_cac
                     "with GPUs, or set cluster.use_gpu=false")
     assert not (tmp_path / "mlflow.db").exists()       # refused before the MLflow run
     print(f"\n[figures] preflight refusal (torchrun, in-process): {time.monotonic() - start:.1f}s")
+
+
+def test_the_driver_walks_back_past_a_malformed_manifest_like_the_workers(tmp_path):
+    for step in (2, 4):
+        _save_checkpoint(tmp_path / "ckpt", TINY_LAYOUT, step=step)
+    (tmp_path / "ckpt" / "step00000004" / "manifest.json").write_text("{not json")
+    warnings = []
+    run = load_config(TINY, [f"checkpoint.dir={tmp_path / 'ckpt'}"])
+    assert check_resumable(run, str(tmp_path / "ckpt"), warn=warnings.append) is None  # same layout
+    (warning,) = warnings
+    assert warning.startswith(f"warning: checkpoint {tmp_path / 'ckpt' / 'step00000004'} failed "
+                              "verification (bad-manifest: ")
+    assert (tmp_path / "ckpt" / "quarantine" / "step00000004.bad-manifest" / "manifest.json").is_file()
+    assert [p.name for p in (tmp_path / "ckpt").glob("step*")] == ["step00000002"]
+
+
+def test_an_edited_world_size_is_refused_by_the_driver_in_seconds(tmp_path, capsys):
+    _save_checkpoint(tmp_path / "ckpt", TINY_LAYOUT, step=4)
+    manifest_path = tmp_path / "ckpt" / "step00000004" / "manifest.json"
+    manifest_path.write_text(manifest_path.read_text().replace('"world_size": 1', '"world_size": 2'))
+    start = time.monotonic()
+    rc = cli_main(["train", TINY, "--set", f"checkpoint.dir={tmp_path / 'ckpt'}",
+                   "--set", f"cluster.storage_path={tmp_path / 'runs'}"])
+    elapsed = time.monotonic() - start
+    assert rc == 2 and elapsed < 5.0, elapsed
+    err = capsys.readouterr().err
+    (line,) = [l for l in err.splitlines() if not l.startswith("warning: ")]
+    assert line.startswith(f"config error: checkpoint.dir={tmp_path / 'ckpt'}: ")
+    assert f"{manifest_path}: world_size 2 disagrees with its file list (1 ranks' files)" in line
+    assert not (tmp_path / "runs").exists()
+    print(f"\n[figures] edited manifest refused by the driver (in-process): {elapsed:.2f}s")
+
+
+def test_a_corrupt_final_checkpoint_is_not_taken_for_a_complete_run(tmp_path):
+    for step in (36, 40):
+        _save_checkpoint(tmp_path / "ckpt", TINY_LAYOUT, step=step)
+    shard = tmp_path / "ckpt" / "step00000040" / "rank00000.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    warnings = []
+    assert completed_step(load_config(TINY), str(tmp_path / "ckpt"), warn=warnings.append) is None
+    assert "SHA-256 mismatch" in warnings[0]
+    assert (tmp_path / "ckpt" / "quarantine" / "step00000040.sha256-mismatch").is_dir()

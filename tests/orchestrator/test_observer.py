@@ -11,7 +11,10 @@ from orchestrator.tracking import Tracker, resolve_tracking_uri, run_link
 
 class RecordingTracker:
     def __init__(self):
-        self.params, self.steps, self.texts, self.tags = {}, [], {}, {}
+        self.params, self.steps, self.texts, self.tags, self.metrics = {}, [], {}, {}, []
+
+    def log_metric(self, key, value, step):
+        self.metrics.append((key, value, step))
 
     def set_tag(self, key, value):
         self.tags[key] = value

@@ -146,6 +146,15 @@ def test_killed_worker_restarts_and_resumes_bit_exact(uninterrupted, tmp_path, d
     client, run = only_run(f"sqlite:///{tmp_path / 'mlflow.db'}")   # the same single run
     assert run.info.status == "FINISHED"
     assert max(v for _, v in metric_steps(client, run.info.run_id, "cluster/restarts")) >= 1
+    # Honest accounting: restarts = worker-group starts - 1 (the controller saw each start).
+    summary = result.summary
+    assert (summary["restarts"], summary["group_starts"]) == (summary["group_starts"] - 1, 1 + summary["failures"])
+    assert summary["restarts"] >= 1
+    assert metric_steps(client, run.info.run_id, "job/restarts") == [(0, summary["restarts"])]
+    assert max(v for _, v in metric_steps(client, run.info.run_id, "cluster/restarts")) == summary["restarts"]
+    controller = read_jsonl(next((tmp_path / "runs").glob("*/controller.jsonl")))
+    assert [e["group"] for e in controller if e["type"] == "group_start"] == list(
+        range(1, summary["group_starts"] + 1))
     print(f"\n[figures] recovery after kill (kill -> next completed step): "
           f"{after[0]['time'] - killed['kill_time']:.1f}s; resumed at step {after[0]['step']}; "
           f"time to first step {result.summary['time_to_first_step_s']:.1f}s")
