@@ -91,6 +91,7 @@ def job_dir_for(run: RunConfig) -> str:
 def prepare_data(run: RunConfig, progress: bool) -> str:
     """One-time token file per (source, tokenizer, max_bytes) under data.cache_dir."""
     from engine.data import TokenDataset, prepare_dataset
+    from engine.data.eval_data import held_out_batches
 
     d = run.schema.data
     source = d.source if d.source == "stdlib" else os.path.abspath(d.source)
@@ -103,11 +104,10 @@ def prepare_data(run: RunConfig, progress: bool) -> str:
         prepared = prepare_dataset(source, out_dir, tokenizer, max_bytes=d.max_bytes,
                                    progress=progress)
         dataset = TokenDataset(prepared, run.train.seq_len)
+        if run.train.eval_every:    # the held-out split fits (engine/data/eval_data.py)
+            held_out_batches(prepared, run.train.seq_len, run.train.eval_batches, run.train.global_batch_size)
     except (ValueError, OSError) as err:
         raise ConfigError(f"data.source={d.source}: {err}") from None
-    if run.train.eval_every:
-        from .eval_command import check_held_out
-        check_held_out(run, prepared)
     if dataset.vocab_size > run.model.vocab_size:
         raise ConfigError(f"model.vocab_size={run.model.vocab_size}: smaller than the tokenizer's "
                           f"vocabulary ({dataset.vocab_size}, data.tokenizer={d.tokenizer})")
