@@ -52,7 +52,7 @@ class Accounting:
             if not self.groups:
                 cause = FIRST_START
             else:
-                cause = self._pending_cause or "restarted without a reported failure (a resize?)"
+                cause = self._pending_cause or "restarted by the launcher, no failure reported"
             self._pending_cause = None
             self.groups.append(GroupRecord(group=len(self.groups) + 1, started_at=now, cause=cause))
 

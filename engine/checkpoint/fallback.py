@@ -17,6 +17,7 @@ is an error too, so a restarted worker group never silently starts again at step
 from __future__ import annotations
 
 import os
+import re
 import socket
 import sys
 import time
@@ -27,6 +28,7 @@ from .manager import (CheckpointError, CorruptCheckpointError, complete_checkpoi
                       read_manifest, verify_file)
 
 QUARANTINE = "quarantine"
+_RANK_FILE = re.compile(r"rank\d{5,}\.(safetensors|json)")
 QUARANTINE_NOTE = "quarantine.json"
 
 
@@ -41,15 +43,16 @@ def _one_line(err: BaseException) -> str:
 
 def verify_structure(path: str) -> tuple[dict, dict]:
     """(manifest, rank 0's meta) after every check that reads no tensor file: the manifest
-    parses and is complete, its file list is exactly the rank files of its world size, every
+    parses and is complete, its rank files are exactly those of its world size, every
     file exists with the recorded size, the rank JSON files match their SHA-256, and the
     manifest's layout and step agree with rank 0's own record (an edited manifest)."""
     manifest = read_manifest(path)
     where = os.path.join(path, "manifest.json")
     world = manifest["world_size"]
     expected = {name for rank in range(world) for name in rank_file_names(rank)}
-    if set(manifest["files"]) != expected:
-        ranks = len({name.split(".")[0] for name in manifest["files"]})
+    listed = {name for name in manifest["files"] if _RANK_FILE.fullmatch(name)}
+    if listed != expected:
+        ranks = len({name.split(".")[0] for name in listed})
         raise CorruptCheckpointError(f"{where}: world_size {world} disagrees with its file list "
                                      f"({ranks} ranks' files); the manifest was edited or is "
                                      "corrupt", "bad-manifest")
@@ -57,6 +60,8 @@ def verify_structure(path: str) -> tuple[dict, dict]:
         tensor_name, json_name = rank_file_names(rank)
         verify_file(path, json_name, manifest)
         _check_size(path, tensor_name, manifest)
+    for name in set(manifest["files"]) - listed:     # files other savers may add
+        _check_size(path, name, manifest)
     meta = read_json(os.path.join(path, rank_file_names(0)[1])).get("meta", {})
     for key in ("layout", "step"):
         if key in meta and meta[key] != manifest[key]:
