@@ -22,6 +22,7 @@ import ray
 from engine.config.job import JobSpec
 
 from .config import RunConfig as FoldRunConfig
+from .local_ray import start_local_ray
 from .preflight import ClusterSupply, JobNeeds, host_cores
 from .ray_metrics import RayMetricsExporter
 
@@ -34,7 +35,7 @@ def connect_or_start_ray(min_cpus: float) -> bool:
     """Connects to $RAY_ADDRESS, or starts an embedded local Ray. Returns True if started here.
 
     address="local" forces a new instance: a bare ray.init() would silently join any
-    `ray start` cluster on this machine."""
+    `ray start` cluster on this machine. The new one binds loopback only."""
     if ray.is_initialized():
         return False
     if os.environ.get("RAY_ADDRESS"):
@@ -47,10 +48,8 @@ def connect_or_start_ray(min_cpus: float) -> bool:
         return False
     num_cpus = max(os.cpu_count() or 1, math.ceil(min_cpus))
     pythonpath = os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p)
-    # The dashboard stays on (loopback only): Ray Train V2's placement-group cleaner and the
-    # state API need it, and it is the place to watch the job.
-    ray.init(address="local", num_cpus=num_cpus, dashboard_host="127.0.0.1", log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
+    # Loopback only, and its processes pinned to it (orchestrator/local_ray.py).
+    start_local_ray(num_cpus, {"PYTHONPATH": pythonpath})
     return True
 
 
