@@ -23,6 +23,7 @@ from engine.config.job import JobSpec
 
 from .config import RunConfig as FoldRunConfig
 from .local_ray import start_local_ray
+from .loopback import is_loopback
 from .preflight import ClusterSupply, JobNeeds, host_cores
 from .ray_metrics import RayMetricsExporter
 
@@ -51,6 +52,11 @@ def connect_or_start_ray(min_cpus: float) -> bool:
     # Loopback only, and its processes pinned to it (orchestrator/local_ray.py).
     start_local_ray(num_cpus, {"PYTHONPATH": pythonpath})
     return True
+
+
+def loopback_cluster() -> bool:
+    """Every node of the Ray cluster has a loopback address (so all are this machine)."""
+    return all(is_loopback(n.get("NodeManagerAddress", "")) for n in ray.nodes() if n.get("Alive"))
 
 
 def autoscaler_max_resources() -> dict[str, float] | None:
@@ -94,6 +100,7 @@ class RayLauncher:
                                ScalingConfig)
         from ray.train.torch import TorchConfig, TorchTrainer
 
+        from workers.ray_rendezvous import LoopbackTorchConfig
         from workers.ray_worker import train_loop_per_worker
 
         from .ray_callbacks import FailureRelay
@@ -101,11 +108,14 @@ class RayLauncher:
         c = self.run.schema.cluster
         num_workers = tuple(c.num_workers) if isinstance(c.num_workers, list) else c.num_workers
         resources = {"CPU": c.cpus_per_worker, **({"GPU": 1} if c.use_gpu else {})}
+        # A Ray on loopback is one machine (the embedded one, or a `ray start` head on
+        # 127.0.0.1): its process group's store listens on loopback too.
+        torch_config = LoopbackTorchConfig if loopback_cluster() else TorchConfig
         return TorchTrainer(
             train_loop_per_worker=train_loop_per_worker,
             train_loop_config=self.spec.to_dict(),
-            torch_config=TorchConfig(backend="nccl" if c.use_gpu else "gloo",
-                                     timeout_s=c.collective_timeout_s),
+            torch_config=torch_config(backend="nccl" if c.use_gpu else "gloo",
+                                      timeout_s=c.collective_timeout_s),
             scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=c.use_gpu,
                                          resources_per_worker=resources),
             run_config=RunConfig(
