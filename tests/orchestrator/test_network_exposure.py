@@ -39,7 +39,8 @@ def test_embedded_ray_job_listens_on_loopback_only_and_is_pinned_to_its_gcs(tmp_
         tree = process_tree(proc.pid)
         listening = listening_sockets(tree)
         ray_workers = [p for p in tree if any(name in " ".join(p.cmdline()) for name in
-                                              ("TrainController", "RayTrainWorker"))]
+                                              ("TrainController", "PlacementGroupCleaner",
+                                               "RayTrainWorker"))]
         pins = {p.pid: _ray_address_of(p) for p in ray_workers}
         gcs_ports = {s.port for s in listening if "gcs_server" in s.command}
         output, _ = proc.communicate(timeout=300)
@@ -52,7 +53,8 @@ def test_embedded_ray_job_listens_on_loopback_only_and_is_pinned_to_its_gcs(tmp_
     # agent, the Prometheus endpoint, Ray Train's gloo store: none beyond loopback.
     assert len(listening) >= 8, listening
     assert [s for s in listening if not s.loopback] == []
-    # The controller and both training workers, each naming this job's GCS.
+    # The controller, its placement-group cleaner and both training workers, each naming
+    # this job's GCS (the cleaner's state-API lookups once found another Ray on the host).
     assert len(ray_workers) >= 3, [" ".join(p.cmdline()) for p in tree]
     assert len(gcs_ports) == 1, listening
     assert set(pins.values()) == {f"127.0.0.1:{gcs_ports.pop()}"}, pins
