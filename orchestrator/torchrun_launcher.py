@@ -126,7 +126,6 @@ class TorchrunLauncher:
             os.path.dirname(spec_path), "controller.jsonl")
         self.spec = None    # the JobSpec written to spec_path, set by the driver before start()
         self.error: str | None = None
-        self.group_starts = 0
         self._rc: int | None = None
         self._log = None
         self._group: WorkerGroup | None = None
@@ -186,7 +185,6 @@ class TorchrunLauncher:
                                       start_new_session=True)
                      for rank in range(world)]
             self._group = WorkerGroup(attempt, procs, rendezvous)
-            self.group_starts += 1
             return self._group
 
     def _wait(self, group: WorkerGroup) -> dict[int, str] | None:
