@@ -42,8 +42,8 @@ def one_job(launcher: str, work: pathlib.Path) -> dict:
     args = [sys.executable, "-m", "orchestrator.cli", "train", str(ROOT / "configs" / "tiny-moe.yaml"),
             "--launcher", launcher, "--metrics-jsonl", "m.jsonl",
             *[a for s in sets for a in ("--set", s)]]
-    proc = subprocess.Popen(args, cwd=work, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    log = open(work / "job.log", "wb")
+    proc = subprocess.Popen(args, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT)
     manifest = work / "ckpt" / f"step{KILL_AFTER:08d}" / "manifest.json"
     try:
         while not manifest.exists():
@@ -57,6 +57,7 @@ def one_job(launcher: str, work: pathlib.Path) -> dict:
     finally:
         if proc.poll() is None:
             proc.kill()
+        log.close()
     after = [r for r in _records(work / "m.jsonl") if r["time"] > killed_at]
     if rc != 0 or not after:
         raise RuntimeError(f"{launcher}: exit {rc}, {len(after)} steps after the kill")
@@ -75,13 +76,21 @@ def main() -> None:
             for launcher in runs:
                 work = pathlib.Path(tmp) / f"{launcher}-{round_index}"
                 work.mkdir()
-                runs[launcher].append(one_job(launcher, work))
+                try:
+                    runs[launcher].append(one_job(launcher, work))
+                except RuntimeError as err:     # kept, with the job's last lines
+                    tail = (work / "job.log").read_text(errors="replace")[-1500:]
+                    runs[launcher].append({"error": str(err), "log_tail": tail})
                 print(launcher, runs[launcher][-1], flush=True)
-    rows = [[name, median([r["recovery_s"] for r in rs]), min(r["recovery_s"] for r in rs),
-             max(r["recovery_s"] for r in rs), median([r["load_avg_1m"] for r in rs])]
-            for name, rs in runs.items()]
-    print_table("kill -> next completed step (s)", ["launcher", "median", "min", "max", "load 1m"],
-                rows)
+    rows = []
+    for name, rs in runs.items():
+        ok = [r for r in rs if "recovery_s" in r]
+        if ok:
+            times = [r["recovery_s"] for r in ok]
+            rows.append([name, median(times), min(times), max(times),
+                         median([r["load_avg_1m"] for r in ok]), len(rs) - len(ok)])
+    print_table("kill -> next completed step (s)",
+                ["launcher", "median", "min", "max", "load 1m", "failed runs"], rows)
     write_json("fault_recovery", {"rounds": args.rounds, "runs": runs}, args.json)
 
 
