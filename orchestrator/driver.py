@@ -167,7 +167,8 @@ def _make_launcher(kind: str, run: RunConfig, job_dir: str):
     spec_path = os.path.join(job_dir, SPEC_FILE)
     if kind == "torchrun":
         from .torchrun_launcher import TorchrunLauncher
-        return TorchrunLauncher(run, spec_path, os.path.join(job_dir, "torchrun.log"))
+        return TorchrunLauncher(run, spec_path, os.path.join(job_dir, "torchrun.log"),
+                                os.path.join(job_dir, CONTROLLER_EVENTS))
     from .ray_launcher import RayLauncher
     return RayLauncher(run, None, job_dir, os.path.join(job_dir, CONTROLLER_EVENTS))
 

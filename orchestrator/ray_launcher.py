@@ -22,6 +22,8 @@ import ray
 from engine.config.job import JobSpec
 
 from .config import RunConfig as FoldRunConfig
+from .local_ray import start_local_ray
+from .loopback import is_loopback
 from .preflight import ClusterSupply, JobNeeds, host_cores
 from .ray_metrics import RayMetricsExporter
 
@@ -34,7 +36,7 @@ def connect_or_start_ray(min_cpus: float) -> bool:
     """Connects to $RAY_ADDRESS, or starts an embedded local Ray. Returns True if started here.
 
     address="local" forces a new instance: a bare ray.init() would silently join any
-    `ray start` cluster on this machine."""
+    `ray start` cluster on this machine. The new one binds loopback only."""
     if ray.is_initialized():
         return False
     if os.environ.get("RAY_ADDRESS"):
@@ -47,11 +49,14 @@ def connect_or_start_ray(min_cpus: float) -> bool:
         return False
     num_cpus = max(os.cpu_count() or 1, math.ceil(min_cpus))
     pythonpath = os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p)
-    # The dashboard stays on (loopback only): Ray Train V2's placement-group cleaner and the
-    # state API need it, and it is the place to watch the job.
-    ray.init(address="local", num_cpus=num_cpus, dashboard_host="127.0.0.1", log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
+    # Loopback only, and its processes pinned to it (orchestrator/local_ray.py).
+    start_local_ray(num_cpus, {"PYTHONPATH": pythonpath})
     return True
+
+
+def loopback_cluster() -> bool:
+    """Every node of the Ray cluster has a loopback address (so all are this machine)."""
+    return all(is_loopback(n.get("NodeManagerAddress", "")) for n in ray.nodes() if n.get("Alive"))
 
 
 def autoscaler_max_resources() -> dict[str, float] | None:
@@ -95,6 +100,7 @@ class RayLauncher:
                                ScalingConfig)
         from ray.train.torch import TorchConfig, TorchTrainer
 
+        from workers.ray_rendezvous import LoopbackTorchConfig
         from workers.ray_worker import train_loop_per_worker
 
         from .ray_callbacks import FailureRelay
@@ -102,11 +108,14 @@ class RayLauncher:
         c = self.run.schema.cluster
         num_workers = tuple(c.num_workers) if isinstance(c.num_workers, list) else c.num_workers
         resources = {"CPU": c.cpus_per_worker, **({"GPU": 1} if c.use_gpu else {})}
+        # A Ray on loopback is one machine (the embedded one, or a `ray start` head on
+        # 127.0.0.1): its process group's store listens on loopback too.
+        torch_config = LoopbackTorchConfig if loopback_cluster() else TorchConfig
         return TorchTrainer(
             train_loop_per_worker=train_loop_per_worker,
             train_loop_config=self.spec.to_dict(),
-            torch_config=TorchConfig(backend="nccl" if c.use_gpu else "gloo",
-                                     timeout_s=c.collective_timeout_s),
+            torch_config=torch_config(backend="nccl" if c.use_gpu else "gloo",
+                                      timeout_s=c.collective_timeout_s),
             scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=c.use_gpu,
                                          resources_per_worker=resources),
             run_config=RunConfig(

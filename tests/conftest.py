@@ -1,8 +1,9 @@
 """Shared fixtures.
 
 `ray_cluster`: one embedded local Ray per test session (ray.init costs seconds; every Ray
-test shares it). address="local" so it never joins a `ray start` cluster that another
-test (or user) runs on this machine. Tests that need a real head node start their own.
+test shares it), started as the driver starts its own (orchestrator/local_ray.py): it
+never joins a `ray start` cluster that another test (or user) runs on this machine.
+Tests that need a real head node start their own.
 """
 from __future__ import annotations
 
@@ -27,11 +28,12 @@ if "TRITON_INTERPRET" not in os.environ:
 def ray_cluster():
     import ray
 
+    from orchestrator.local_ray import start_local_ray
+
     pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
     # 8 logical CPUs: a 4-worker job plus headroom, whatever the machine's core count.
-    # The dashboard (loopback) serves the state API that Ray Train V2's cleaner polls.
-    ray.init(address="local", num_cpus=8, dashboard_host="127.0.0.1", logging_level="WARNING",
-             runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
+    # The same embedded Ray as the driver's: loopback only, its processes pinned to it.
+    start_local_ray(8, {"PYTHONPATH": pythonpath}, logging_level="WARNING", log_to_driver=True)
     try:
         yield ray
     finally:

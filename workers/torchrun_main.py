@@ -1,7 +1,10 @@
-"""Worker entrypoint under torch.distributed.run: `python -m workers.torchrun_main SPEC.json`.
+"""Worker entrypoint without Ray: `python -m workers.torchrun_main SPEC.json`.
 
-torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT; this joins the process group
-(gloo on CPU, NCCL on GPU) and runs the same loop as the Ray Train workers.
+Started by foldmoe's torchrun launcher (orchestrator/torchrun_launcher.py) or by a user's
+own `torchrun` on several nodes: either sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT
+(and TORCHELASTIC_USE_AGENT_STORE when the launcher hosts the store); this joins the
+process group (gloo on CPU, NCCL on GPU) the env:// way and runs the same loop as the Ray
+Train workers.
 """
 from __future__ import annotations
 
