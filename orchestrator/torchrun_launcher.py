@@ -2,11 +2,13 @@
 
 One node only: one process per worker (nproc = cluster.num_workers, or its max if elastic),
 torchrun's standalone rendezvous, `--max-restarts cluster.max_failures` (torchrun restarts
-the whole worker group and the loop resumes from the latest checkpoint). Several nodes run
+the whole worker group and the loop resumes from the latest checkpoint; a preempted worker
+group, workers/preemption.py, exits non-zero after saving, so it resumes at that step). Several nodes run
 on Ray (the default launcher), which places the workers and their rendezvous.
 """
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -23,6 +25,8 @@ def torchrun_command(run: RunConfig, spec_path: str) -> list[str]:
     nproc = max(c.num_workers) if isinstance(c.num_workers, list) else c.num_workers
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
             f"--nproc-per-node={nproc}", f"--max-restarts={c.max_failures}",
+            # torchrun's SIGTERM -> SIGKILL wait for its workers: their preemption grace.
+            f"--shutdown-timeout={math.ceil(run.schema.checkpoint.preempt_grace_s)}",
             "--monitor-interval=0.5", "-m", "workers.torchrun_main", spec_path]
 
 
@@ -77,9 +81,13 @@ class TorchrunLauncher:
         except OSError:
             return ""
 
-    def stop(self, timeout_s: float = 1.5) -> None:
+    def stop(self, timeout_s: float | None = None) -> None:
+        """SIGTERM to torchrun and its workers, which save the step in progress and exit
+        (workers/preemption.py); SIGKILL after timeout_s (default checkpoint.preempt_grace_s)."""
         if self.proc is None or self.proc.poll() is not None:
             return
+        if timeout_s is None:
+            timeout_s = self.run.schema.checkpoint.preempt_grace_s + 1.0   # + torchrun's own exit
         for sig, wait_s in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 1.0)):
             try:
                 os.killpg(self.proc.pid, sig)

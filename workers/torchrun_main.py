@@ -6,6 +6,7 @@ worker (SIGTERM, workers/preemption.py) exits with EXIT_PREEMPTED after the grou
 """
 from __future__ import annotations
 
+import os
 import sys
 from datetime import timedelta
 
@@ -17,13 +18,31 @@ from workers.preemption import EXIT_PREEMPTED, Preempted
 from workers.reporters import FileReporter
 
 
+def _attempt_store(timeout: timedelta) -> dict:
+    """The store of this attempt of the worker group, for a restarted group.
+
+    torchrun keeps one agent store across restarts of the group, and env:// rendezvous
+    (torch 2.13) reuses it without a per-attempt prefix, so a restarted group reads the
+    dead group's gloo addresses and its init_process_group hangs until the timeout.
+    A PrefixStore per TORCHELASTIC_RESTART_COUNT keeps the attempts apart."""
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if attempt == 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    world_size = int(os.environ["WORLD_SIZE"])
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                          is_master=False, timeout=timeout)
+    return {"store": dist.PrefixStore(f"foldmoe/attempt_{attempt}", store),
+            "rank": int(os.environ["RANK"]), "world_size": world_size}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     with open(argv[0], encoding="utf-8") as handle:
         spec = JobSpec.from_json(handle.read())
     backend = "nccl" if spec.use_gpu else "gloo"
     # A dead or stuck peer must fail the collectives (and trigger a restart), not hang forever.
-    dist.init_process_group(backend, timeout=timedelta(seconds=spec.collective_timeout_s))
+    timeout = timedelta(seconds=spec.collective_timeout_s)
+    dist.init_process_group(backend, timeout=timeout, **_attempt_store(timeout))
     try:
         run_worker(spec, FileReporter(spec.events_path, dist.get_rank()))
     except Preempted as stop:
