@@ -87,7 +87,7 @@ class TorchrunLauncher:
         if self.proc is None or self.proc.poll() is not None:
             return
         if timeout_s is None:
-            timeout_s = self.run.schema.checkpoint.preempt_grace_s + 1.0   # + torchrun's own exit
+            timeout_s = self.run.schema.checkpoint.preempt_grace_s
         for sig, wait_s in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 1.0)):
             try:
                 os.killpg(self.proc.pid, sig)

@@ -46,10 +46,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run_worker(spec, FileReporter(spec.events_path, dist.get_rank()))
     except Preempted as stop:
-        # Every rank saved this step: a non-zero exit makes torchrun restart the group
-        # (--max-restarts), which resumes here; a stopping torchrun just ends.
+        # Every rank saved this step (durably, and said so in the events): a non-zero exit
+        # makes torchrun restart the group (--max-restarts), which resumes here; a stopping
+        # torchrun just ends. Exit now: the grace is short, and interpreter teardown of a
+        # torch process takes seconds on a loaded machine.
         print(f"rank {dist.get_rank()}: {stop}", file=sys.stderr, flush=True)
-        return EXIT_PREEMPTED
+        sys.stdout.flush()
+        os._exit(EXIT_PREEMPTED)
     finally:
         dist.destroy_process_group()
     return 0

@@ -15,7 +15,7 @@ from .jobs import TINY, cli_env, job_overrides, read_jsonl, run_cli, set_args, w
 
 pytestmark = pytest.mark.slow
 
-STEPS = 16
+STEPS = 10
 
 
 def _args(tmp, data_cache) -> list[str]:
