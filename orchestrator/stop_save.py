@@ -4,7 +4,7 @@ lets the workers save the step in progress, as a preempted worker does (workers/
 torchrun: its whole process group gets the SIGTERM, so every worker sees it directly, and the
 launcher waits up to `checkpoint.preempt_grace_s` for torchrun to exit. Ray: the workers may
 be on other nodes, so the driver writes the request file in the job dir, which rank 0 reads
-(at most once a second) and votes with in the step's metric reduction; the driver waits for
+(at most every 0.2 s) and votes with in the step's metric reduction; the driver waits for
 a newer complete checkpoint, or the end of training, for at most the grace.
 """
 from __future__ import annotations

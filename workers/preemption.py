@@ -6,8 +6,8 @@ sets a local flag; the flag rides in the step's metric vector (Trainer.train_ste
 `stop_requested`: one more element of the SUM over the stage that already runs, gathered
 over pp with the rest), so every rank learns of it at the same step with no extra collective,
 and they all save that step. The driver asks for the same thing by writing REQUEST_FILE in
-the job dir (a SIGTERM to the driver, `ray job stop`); rank 0 looks for it at most once a
-second, one stat() call.
+the job dir (a SIGTERM to the driver, `ray job stop`); rank 0 looks for it at most every
+0.2 s, one stat() call.
 
 `preempt_grace_s` bounds the whole thing: a watchdog started by the signal ends the process
 with EXIT_PREEMPTED when it runs out (a peer that died makes the save's collectives wait);
@@ -23,7 +23,7 @@ import time
 
 EXIT_PREEMPTED = 128 + signal.SIGTERM   # what a shell reports for "terminated by SIGTERM"
 REQUEST_FILE = "preempt.request"
-_REQUEST_POLL_S = 1.0
+_REQUEST_POLL_S = 0.2
 
 
 class Preempted(RuntimeError):
@@ -61,6 +61,7 @@ class PreemptionWatch:
         self.signaled_at: float | None = None
         self._next_poll = 0.0
         self._previous = None
+        self._watchdog: threading.Timer | None = None
         self.installed = False
 
     def install(self) -> "PreemptionWatch":
@@ -70,6 +71,8 @@ class PreemptionWatch:
         return self
 
     def restore(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         if self.installed:
             signal.signal(signal.SIGTERM, self._previous)
             self.installed = False
@@ -80,9 +83,9 @@ class PreemptionWatch:
         self.signaled_at = time.monotonic()
         print(f"rank {self.rank}: SIGTERM: finishing the step, saving, exiting within "
               f"{self.grace_s:g}s", file=sys.stderr, flush=True)
-        watchdog = threading.Timer(self.grace_s, self._out_of_grace)
-        watchdog.daemon = True
-        watchdog.start()
+        self._watchdog = threading.Timer(self.grace_s, self._out_of_grace)
+        self._watchdog.daemon = True
+        self._watchdog.start()
 
     def _out_of_grace(self) -> None:
         print(f"rank {self.rank}: preemption save did not finish within {self.grace_s:g}s; "
