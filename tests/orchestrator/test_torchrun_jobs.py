@@ -126,7 +126,8 @@ def test_job_logs_to_a_real_mlflow_server(tmp_path, data_cache, mlflow_server):
 
 
 def test_sigterm_stops_the_job_within_3s_and_marks_the_run_killed(tmp_path, data_cache):
-    # `ray job stop` gives 3 s: a grace of 1.5 s lets the workers save, then they are killed.
+    # `ray job stop` gives 3 s: the workers get a grace of 1.5 s to save the step in progress
+    # (best effort; the save itself is tested in test_preemption.py), then they are killed.
     overrides = job_overrides(tmp_path, data_cache, steps=10_000,
                               extra=["cluster.num_workers=2", "parallel.tp=1", "parallel.ep=2",
                                      "checkpoint.preempt_grace_s=1.5"])
@@ -141,6 +142,3 @@ def test_sigterm_stops_the_job_within_3s_and_marks_the_run_killed(tmp_path, data
              what="torchrun workers to exit")
     _, run = only_run(f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert run.info.status == "KILLED"
-    # The workers got the SIGTERM too and saved the step in progress (workers/preemption.py);
-    # no periodic checkpoint was configured.
-    assert [p.name for p in (tmp_path / "ckpt").glob("step*")], output[-3000:]
