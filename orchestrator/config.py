@@ -142,6 +142,7 @@ class RunConfig:
                        use_gpu=c.use_gpu, cpus_per_worker=c.cpus_per_worker,
                        collective_timeout_s=c.collective_timeout_s,
                        checkpoint_every_steps=ckpt.every_steps, checkpoint_keep=ckpt.keep,
+                       checkpoint_async=ckpt.async_save, preempt_grace_s=ckpt.preempt_grace_s,
                        resume=ckpt.resume, init_from=self.init_from, layouts=layouts)
 
     @property

@@ -19,6 +19,8 @@ GROUPED: dict[str, str] = {
     "restarts": "cluster/restarts", "world_size": "cluster/world_size",
     "memory_peak_bytes": "memory/peak_bytes", "build_peak_bytes": "memory/build_peak_bytes",
     "param_bytes": "memory/param_bytes",
+    # time a save held training up, and the (background) write's own time (workers/loop.py)
+    "checkpoint_stall_s": "checkpoint/stall_s", "checkpoint_write_s": "checkpoint/write_s",
 }
 COMM_PREFIX = "comm_bytes_"          # comm_bytes_<axis> -> comm/bytes_<axis>
 TIME_PREFIX = "time_"                # time_<phase>_s (step-time breakdown) -> time/<phase>_s

@@ -179,8 +179,15 @@ class RayLauncher:
         return self._rc
 
     def stop(self, timeout_s: float = 1.5) -> None:
-        """Best effort within timeout_s: the controller and workers are owned by this
-        driver, so they are torn down when it exits even if shutdown does not finish."""
+        """Lets the workers save the step in progress (orchestrator/stop_save.py, up to
+        checkpoint.preempt_grace_s), then shuts down best effort within timeout_s: the
+        controller and workers are owned by this driver, so they are torn down when it
+        exits even if shutdown does not finish."""
+        if self._thread is not None and self._thread.is_alive() and self.spec is not None:
+            from .stop_save import save_before_stop
+            save_before_stop(self.job_dir, self.spec.checkpoint_dir,
+                             self.run.schema.checkpoint.preempt_grace_s,
+                             finished=lambda: not self._thread.is_alive())
         if self.owns_ray:
             closer = threading.Thread(target=ray.shutdown, daemon=True)
             closer.start()

@@ -127,6 +127,8 @@ class CheckpointSection(BaseModel):
     every_steps: int = Field(0, ge=0)         # 0 = no periodic checkpoints
     keep: int = Field(2, ge=0)                # newest complete checkpoints kept; 0 keeps all
     resume: bool = True                       # resume from the latest complete checkpoint in dir
+    async_save: bool = True                   # periodic saves copy to host memory, write in a thread
+    preempt_grace_s: Float = Field(25.0, gt=0)  # SIGTERM -> every rank saves the step and exits within
 
 
 class TrackingSection(BaseModel):

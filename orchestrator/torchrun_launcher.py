@@ -21,7 +21,9 @@ Why foldmoe supervises the group instead of `python -m torch.distributed.run`:
 Failures follow Ray Train's FailureConfig(max_failures): the group is restarted after each
 of the first max_failures failures, and the job fails at the next one. Each failure is a
 "failure" event in the controller's event file, as the Ray Train callback writes it, so the
-driver reports both launchers alike. The workers resume from the newest checkpoint.
+driver reports both launchers alike. The workers resume from the newest checkpoint; a
+preempted group (workers/preemption.py) saved the step in progress and exits with
+EXIT_PREEMPTED, so it resumes at that step.
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ import time
 from datetime import timedelta
 
 from workers.events import EventWriter
+from workers.preemption import EXIT_PREEMPTED
 
 from .config import RunConfig
 from .loopback import LOOPBACK, collective_env
@@ -204,11 +207,10 @@ class TorchrunLauncher:
             while True:
                 group = self._start_group(attempt=failures)
                 outcome = None if group is None else self._wait(group)
-                if group is not None:
-                    with self._lock:
-                        group.teardown()
-                if outcome is None:          # stop(): the driver reports the signal
+                if outcome is None:          # stop() tears the group down; the driver reports it
                     return
+                with self._lock:
+                    group.teardown(grace_s=self._survivor_grace(group))
                 if not outcome:
                     self._rc = 0
                     return
@@ -223,6 +225,12 @@ class TorchrunLauncher:
         except BaseException as err:  # noqa: BLE001 - reported by the driver
             self.error = self.error or f"{type(err).__name__}: {err}"
             self._rc = 1
+
+    def _survivor_grace(self, group: WorkerGroup) -> float:
+        """A preempted worker saved with its peers and exits first: the others may still be
+        committing that checkpoint, so they get the preemption grace, not the short one."""
+        preempted = any(p.poll() == EXIT_PREEMPTED for p in group.procs)
+        return self.run.schema.checkpoint.preempt_grace_s if preempted else TERM_GRACE_S
 
     def _record_failure(self, failures: int, errors: dict[int, str]) -> None:
         first = next(iter(errors.values()))
@@ -247,8 +255,11 @@ class TorchrunLauncher:
         except OSError:
             return ""
 
-    def stop(self, timeout_s: float = 1.5) -> None:
-        """Tears the current group down within about timeout_s (SIGTERM, then SIGKILL)."""
+    def stop(self, timeout_s: float | None = None) -> None:
+        """SIGTERM to every worker, which saves the step in progress and exits
+        (workers/preemption.py); SIGKILL after timeout_s (default checkpoint.preempt_grace_s)."""
+        if timeout_s is None:
+            timeout_s = self.run.schema.checkpoint.preempt_grace_s
         self._stopping.set()
         group = self._group
         if group is not None:

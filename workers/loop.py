@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import time
 from datetime import timedelta
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 import torch.distributed as dist
@@ -30,6 +30,7 @@ from engine.train.evaluate import Evaluator, eval_due
 from engine.train.state import layout_of
 from engine.train.trainer import Trainer
 from workers.checkpoint_resume import resume_newest_verified
+from workers.preemption import Preempted, PreemptionWatch
 
 
 class Reporter(Protocol):
@@ -117,7 +118,7 @@ def run_worker(spec: JobSpec, reporter: Reporter) -> dict:
                                    train.global_batch_size) if train.eval_every else [])
     evaluator = Evaluator(trainer)
     manager = CheckpointManager(spec.checkpoint_dir, spec.checkpoint_keep, rank, world,
-                                barrier=dist.barrier)
+                                barrier=dist.barrier, commit_timeout_s=spec.collective_timeout_s)
     resumed_from = resume(trainer, manager, spec, reporter)
     checkpoint_loaded_at = time.time()
     peak, peak_source = peak_flops_per_device(device, spec.train.precision)
@@ -128,17 +129,43 @@ def run_worker(spec: JobSpec, reporter: Reporter) -> dict:
                     "resumed_from_step": resumed_from, "peak_flops": peak,
                     "peak_flops_source": peak_source, "device": str(device),
                     "params": count_parameters(spec.model), **memory})
+    watch = PreemptionWatch(spec.job_dir, rank, spec.preempt_grace_s).install()
+    try:
+        return _train(spec, trainer, dataset, manager, reporter, watch, resumed_from or 0,
+                      world, peak, memory, validate=lambda: evaluator.mean_loss(validation))
+    finally:
+        watch.restore()
+
+
+def _train(spec: JobSpec, trainer: Trainer, dataset: TrainWindows, manager: CheckpointManager,
+           reporter: Reporter, watch: PreemptionWatch, first_step: int, world: int,
+           peak: float, memory: dict, validate: Callable[[], float]) -> dict:
     record: dict = {}
-    for step in range(resumed_from or 0, train.steps):
+    train = spec.train
+    for step in range(first_step, train.steps):
         batch = dataset.global_batch(step, train.global_batch_size, train.seed)
-        metrics = trainer.train_step(step, batch)
+        metrics = trainer.train_step(step, batch, stop_requested=watch.requested)
         record = step_record(step, metrics, world, peak)
-        (record["memory_peak_bytes"],) = max_over_ranks([peak_memory_bytes(device)], device)
+        (record["memory_peak_bytes"],) = max_over_ranks([peak_memory_bytes(trainer.device)],
+                                                        trainer.device)
         record.update(memory)
         if eval_due(train, step + 1):
-            record["val_loss"] = evaluator.mean_loss(validation)
-        record["checkpointed"] = _should_save(spec, step + 1)
+            record["val_loss"] = validate()
+        preempted = record.pop("stop_votes") > 0    # the same on every rank (trainer.py)
+        record["checkpointed"] = _should_save(spec, step + 1) or preempted
         if record["checkpointed"]:
-            manager.save(step + 1, trainer.checkpoint_state())
+            # The last and the preemption save are waited for: the process exits next.
+            background = spec.checkpoint_async and not preempted and step + 1 < train.steps
+            save_start = time.perf_counter()
+            path = manager.save(step + 1, trainer.checkpoint_state(), background=background)
+            if not background:
+                manager.flush()
+            record["checkpoint_stall_s"] = time.perf_counter() - save_start
+        for write in manager.finished_writes():   # the newest one, when several finished
+            record["checkpoint_write_s"], record["checkpoint_write_step"] = write["write_s"], write["step"]
+        record["preempted"] = preempted
         reporter.step(record)
+        if preempted and step + 1 < train.steps:
+            raise Preempted(step + 1, path)
+    manager.flush()
     return record

@@ -7,7 +7,9 @@ Layout of `root` (a directory visible to every rank):
     step00000020/rank00000.sha256.json    rank 0's own hashes, merged by rank 0 into the manifest
     .tmp-step00000030/                    a save in progress (or killed): ignored, cleaned later
 A checkpoint is complete iff its directory is named stepNNNNNNNN and holds manifest.json;
-rank 0 writes the manifest only after every rank's files are on disk, then renames.
+rank 0 writes the manifest only after every rank's files are on disk, then renames, so a
+save killed at any point (also a background one, engine/checkpoint/async_writer.py)
+leaves the previous complete checkpoint the newest one.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 
+from .async_writer import BackgroundWrite, HostSnapshot, wait_for_files
 from .files import (file_record, fsync_dir, fsync_file, read_json, rename_durable, sha256_file,
                     write_json_durable)
 
@@ -58,37 +61,93 @@ class CheckpointManager:
 
     keep: number of newest complete checkpoints kept (0 keeps all).
     barrier: blocks until every rank arrives (e.g. `torch.distributed.barrier`).
+    commit_timeout_s: how long rank 0's background commit waits for the other ranks' files.
     """
 
     def __init__(self, root_dir: str, keep: int, rank: int, world_size: int,
-                 barrier: Callable[[], None]):
+                 barrier: Callable[[], None], commit_timeout_s: float = 600.0):
         if keep < 0:
             raise ValueError(f"keep={keep}: must be >= 0 (0 keeps every checkpoint)")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} is outside world_size={world_size}")
         self.root = os.path.abspath(root_dir)
         self.keep, self.rank, self.world_size, self.barrier = keep, rank, world_size, barrier
+        self.commit_timeout_s = commit_timeout_s
+        self._snapshot = HostSnapshot()
+        self._inflight: BackgroundWrite | None = None
+        self._unreported: list[BackgroundWrite] = []
         os.makedirs(self.root, exist_ok=True)
 
     # ---- save ----------------------------------------------------------------------------
 
-    def save(self, step: int, state: dict) -> str:
-        """Writes this rank's state; returns the published directory (on every rank)."""
+    def save(self, step: int, state: dict, *, background: bool = False) -> str:
+        """Writes this rank's state as checkpoint `step`; returns its directory.
+
+        Foreground: wait for the previous write, then one barrier (so every rank's previous
+        write is complete and rank 0 has published it). Synchronous (background=False): the
+        write, the manifest and the publish happen before the return, on every rank.
+        background=True: the state is first copied to host memory (async_writer.HostSnapshot),
+        and the write and rank 0's manifest + publish + pruning run in a thread while training
+        goes on; `wait()` / `flush()` / the next save wait for it."""
+        self.wait()
         tmp = os.path.join(self.root, f"{_TMP_PREFIX}{step:08d}")
+        final = os.path.join(self.root, step_dir_name(step))
+        if background:
+            state = self._snapshot.copy(state)
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a killed save of this step
             os.makedirs(tmp)
         self.barrier()
-        self._write_rank_files(tmp, state)
-        self.barrier()
-        final = os.path.join(self.root, step_dir_name(step))
-        if self.rank == 0:
-            self._write_manifest(tmp, step)
-            self._publish(tmp, final)
-        self.barrier()
-        if self.rank == 0:
-            self._prune()
+        write = BackgroundWrite(step, lambda: self._write_and_commit(
+            step, state, tmp, final, sync=not background), thread=background)
+        self._unreported.append(write)
+        if background:
+            self._inflight = write
+        else:
+            write.wait()
+            self.barrier()
         return final
+
+    def _write_and_commit(self, step: int, state: dict, tmp: str, final: str, *, sync: bool) -> None:
+        """Rank files; then, on rank 0 once every rank's are on disk (a barrier when
+        synchronous; their hash records appearing in a background write), the manifest
+        (last), the atomic rename that makes the checkpoint visible, and the rotation."""
+        self._write_rank_files(tmp, state)
+        if sync:
+            self.barrier()
+        if self.rank != 0:
+            return
+        if not sync:
+            self._await_records(tmp, step)
+        self._write_manifest(tmp, step)
+        self._publish(tmp, final)
+        self._prune()
+
+    def _await_records(self, tmp: str, step: int) -> None:
+        paths = [os.path.join(tmp, f"rank{r:05d}.sha256.json") for r in range(self.world_size)]
+        try:
+            wait_for_files(paths, self.commit_timeout_s, f"checkpoint of step {step}")
+        except TimeoutError as err:
+            raise CheckpointError(f"{err}; a rank did not finish its part, step {step} "
+                                  "stays unpublished") from None
+
+    def wait(self) -> None:
+        """Blocks until this rank's background write (if any) is done; re-raises its error."""
+        inflight, self._inflight = self._inflight, None
+        if inflight is not None:
+            inflight.wait()
+
+    def flush(self) -> None:
+        """wait() on every rank, then a barrier: on return the last save is published."""
+        self.wait()
+        self.barrier()
+
+    def finished_writes(self) -> list[dict]:
+        """[{"step", "write_s"}] of the writes that finished since the last call (never
+        blocks: a write still running is reported by a later call)."""
+        done = [w for w in self._unreported if w.done()]
+        self._unreported = [w for w in self._unreported if not w.done()]
+        return [{"step": w.step, "write_s": w.seconds} for w in done]
 
     def _write_rank_files(self, tmp: str, state: dict) -> None:
         tensor_name, json_name = rank_file_names(self.rank)

@@ -34,6 +34,8 @@ class JobSpec:
     collective_timeout_s: float = 600.0
     checkpoint_every_steps: int = 0
     checkpoint_keep: int = 2
+    checkpoint_async: bool = True     # periodic saves written in a background thread
+    preempt_grace_s: float = 25.0     # SIGTERM: finish the step, save it, exit within this
     resume: bool = True
     init_from: str | None = None      # HF model dir: initial weights when no checkpoint exists
     layouts: dict[str, dict[str, Any]] = field(default_factory=dict)   # world size -> degrees

@@ -46,13 +46,13 @@ def checkpoint_state(trainer) -> dict:
         params = dict(chunk.named_parameters())
         for name, tensor in chunk.state_dict().items():
             key = f"model/{name}"
-            tensors[key] = tensor.detach().cpu().contiguous()
+            tensors[key] = tensor.detach()   # on its device: the saver copies to host (pinned)
             shards[key] = _shard_info(name, tensor, params.get(name))
     optim = trainer.optimizer.state_dict()
     optim_scalars = {}
     for name, value in optim.items():
         if isinstance(value, torch.Tensor):
-            tensors[f"optim/{name}"] = value.detach().cpu().contiguous()
+            tensors[f"optim/{name}"] = value.detach()
             param_name = name.split("/", 1)[1]
             lo, hi, _ = optim[f"range/{param_name}"]
             shards[f"optim/{name}"] = dict(shards[f"model/{param_name}"], flat_range=[lo, hi])

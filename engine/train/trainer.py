@@ -8,6 +8,7 @@ engine/parallel/param_attrs.py) and any layout equals one process.
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -86,8 +87,13 @@ class Trainer:
             total += loss.detach().float().cpu()
         return total
 
-    def train_step(self, step: int, global_tokens: torch.Tensor) -> dict[str, float]:
-        """One optimizer step on the whole global batch of `step` (same tensor on all ranks)."""
+    def train_step(self, step: int, global_tokens: torch.Tensor,
+                   stop_requested: Callable[[], bool] | None = None) -> dict[str, float]:
+        """One optimizer step on the whole global batch of `step` (same tensor on all ranks).
+
+        stop_requested: this rank's vote to stop, read when the metrics are reduced; metrics
+        "stop_votes" is > 0 on every rank iff any rank voted (it rides in the metric vector:
+        no extra collective; the count is the most votes of one pipeline stage)."""
         start = time.perf_counter()
         self.clock.start()
         for chunk in self.chunks:
@@ -105,7 +111,7 @@ class Trainer:
         lr = self.optimizer.step(step)
         update_expert_biases(self.chunks)
         self.clock.mark("optimizer")
-        metrics = self._step_metrics(lm_loss, grad_norm, lr)
+        metrics = self._step_metrics(lm_loss, grad_norm, lr, bool(stop_requested and stop_requested()))
         metrics.update(by_kind(self.mesh.traffic.since(traffic_before)))
         self.clock.mark("metrics")
         metrics["step_time_s"] = time.perf_counter() - start
@@ -128,7 +134,8 @@ class Trainer:
         aux = aux_coeff * stats.get("aux_loss", zero) * n_layers
         return aux, moe.z_loss_coeff * stats.get("z_loss", zero) * n_layers, stats
 
-    def _step_metrics(self, lm_loss: torch.Tensor, grad_norm: float, lr: float) -> dict[str, float]:
+    def _step_metrics(self, lm_loss: torch.Tensor, grad_norm: float, lr: float,
+                      stop_vote: bool = False) -> dict[str, float]:
         """Global step metrics from one vector on the model's device: one SUM over the stage
         and one all-gather over pp (each skipped at size 1), then one host read."""
         finalize_routing_stats(self.chunks)
@@ -141,14 +148,16 @@ class Trainer:
         local = torch.stack([lm_loss.to(self.device, torch.float64), aux.to(torch.float64),
                              z.to(torch.float64), stats.get("dropped_token_fraction", zero),
                              stats.get("load_imbalance_max", zero),
-                             *(by_layer.get(i, zero) for i in moe_ids)]).to(torch.float64)
+                             *(by_layer.get(i, zero) for i in moe_ids),
+                             zero + stop_vote]).to(torch.float64)
         # The LM loss is replicated over tp (counted by tp rank 0), the MoE terms over the whole
         # stage (counted by stage rank 0), so the stage SUM gives the sum over dp x cp and
         # the stage's MoE values; stages hold different layers: sum (max for the load
         # statistics) over pp, 0 off the last stage for the LM loss.
         mesh = self.mesh
         counted = torch.tensor([mesh.rank_in(Axis.TP) == 0]
-                               + [mesh.rank_in(Axis.STAGE) == 0] * (local.numel() - 1), device=self.device)
+                               + [mesh.rank_in(Axis.STAGE) == 0] * (local.numel() - 2)
+                               + [True], device=self.device)   # every rank's own stop vote
         values = torch.where(counted, local, zero)
         if mesh.size(Axis.STAGE) > 1:
             dist.all_reduce(values, group=mesh.group(Axis.STAGE))
@@ -157,12 +166,12 @@ class Trainer:
             dist.all_gather_into_tensor(per_stage, values, group=mesh.group(Axis.PP))
             per_stage = per_stage.view(mesh.size(Axis.PP), -1)
             values = torch.cat([per_stage[:, :3].sum(0), per_stage[:, 3:].amax(0)])
-        lm, aux, z, dropped, imbalance, *layers = values.tolist()
+        lm, aux, z, dropped, imbalance, *layers, stop_votes = values.tolist()
         return {"loss": lm + aux + z, "lm_loss": lm, "aux_loss": aux, "z_loss": z,
                 "grad_norm": float(grad_norm), "lr": float(lr), "tokens": float(self.global_tokens),
                 "dropped_token_fraction": dropped, "load_imbalance": imbalance,
                 "load_imbalance_by_layer": dict(zip(moe_ids, layers)),
-                "model_flops": float(self.model_flops)}
+                "model_flops": float(self.model_flops), "stop_votes": stop_votes}
 
     def checkpoint_state(self) -> dict:
         return checkpoint_state(self)

@@ -126,8 +126,11 @@ def test_job_logs_to_a_real_mlflow_server(tmp_path, data_cache, mlflow_server):
 
 
 def test_sigterm_stops_the_job_within_3s_and_marks_the_run_killed(tmp_path, data_cache):
+    # `ray job stop` gives 3 s: the workers get a grace of 1.5 s to save the step in progress
+    # (best effort; the save itself is tested in test_preemption.py), then they are killed.
     overrides = job_overrides(tmp_path, data_cache, steps=10_000,
-                              extra=["cluster.num_workers=2", "parallel.tp=1", "parallel.ep=2"])
+                              extra=["cluster.num_workers=2", "parallel.tp=1", "parallel.ep=2",
+                                     "checkpoint.preempt_grace_s=1.5"])
     rc, elapsed, worker_pids, output = sigterm_after_first_step(
         ["train", TINY, "--launcher", "torchrun", "--metrics-jsonl", "m.jsonl", *set_args(overrides)],
         tmp_path, cli_env())
