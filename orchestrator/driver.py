@@ -35,6 +35,7 @@ from .ray_output import RayOutputCapture
 from .report_artifacts import log_report
 from .summary import already_complete_message, print_job_end, status_line, summary_rows
 from .tracking import Tracker, resolve_tracking_uri, source_tags
+from .watchdog import Watchdog
 
 POLL_INTERVAL_S = 0.2
 WORKER_EVENTS = "events.jsonl"           # rank 0: start, step
@@ -279,7 +280,8 @@ def _run_job(run: RunConfig, worker_group, tracker: Tracker | None, job_dir: str
         progress.phase("place workers")
         worker_group.start()
         stop.install()
-        tails = [EventTail(os.path.join(job_dir, CONTROLLER_EVENTS)), EventTail(spec["events_path"])]
+        tails = [EventTail(os.path.join(job_dir, CONTROLLER_EVENTS)), EventTail(spec["events_path"]),
+                 Watchdog.for_run(run, job_dir)]    # hangs and stragglers, from the heartbeats
         rc = _follow(worker_group, tails, observer, stop, progress, capture)
         _finish(result, rc, stop.signum, worker_group, observer, tracker, progress, job_dir)
     except BaseException as err:  # noqa: BLE001 - every exit path ends the MLflow run

@@ -12,6 +12,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 
+from .metric_names import FAULT_HANGS, FAULT_STRAGGLERS
 from .progress import ProgressDisplay
 from .tracking import Tracker
 
@@ -40,6 +41,7 @@ class JobStats:
     resumed_from_step: int | None = None
     start_info: dict = field(default_factory=dict)
     failures: list[dict] = field(default_factory=list)
+    faults: list[dict] = field(default_factory=list)          # the watchdog's hang/straggler events
     recovery_s: list[float] = field(default_factory=list)   # failure -> next completed step
     steady_tokens_per_s: list[float] = field(default_factory=list)
     steady_mfu: list[float] = field(default_factory=list)
@@ -71,6 +73,8 @@ class JobObserver:
             self._on_start(event)
         elif kind == "step":
             self._on_step(event)
+        elif kind in ("hang", "straggler"):
+            self._on_fault(event)
         elif kind == "failure":
             self.stats.failures.append(event)
             self._pending_failure_at = event.get("time", time.time())
@@ -78,6 +82,20 @@ class JobObserver:
             self.progress.note(f"worker group failed ({event.get('error', '?')}); "
                                "restarting from the latest checkpoint")
             self.progress.phase("restart: place workers", started=self._pending_failure_at)
+
+    def _on_fault(self, event: dict) -> None:
+        """The watchdog's one line (orchestrator/watchdog.py), and its count in MLflow."""
+        self.stats.faults.append(event)
+        self.progress.warn(event["message"])
+        if self.tracker is None:
+            return
+        step = event.get("step") or 0
+        if event["type"] == "hang":
+            self.tracker.log_metric(FAULT_HANGS, event["hangs"], step=step)
+        else:
+            self.tracker.log_metric(FAULT_STRAGGLERS, len(event["stragglers"]), step=step)
+            reported = sorted({e["rank"] for e in self.stats.faults if e["type"] == "straggler"})
+            self.tracker.set_tag("foldmoe.straggler_ranks", ",".join(map(str, reported)))
 
     def _on_start(self, event: dict) -> None:
         resumed = event.get("resumed_from_step")

@@ -28,6 +28,7 @@ from engine.models.transformer import count_parameters
 from engine.parallel.mesh import FoldedMesh
 from engine.train.state import layout_of, load_resharded
 from engine.train.trainer import Trainer
+from workers.heartbeat import Heartbeat
 
 
 class Reporter(Protocol):
@@ -102,12 +103,27 @@ def run_worker(spec: JobSpec, reporter: Reporter) -> dict:
     """Trains from the latest checkpoint to train.steps; returns the last step record."""
     rank, world = dist.get_rank(), dist.get_world_size()
     write_pid_file(spec.job_dir, rank)
+    # Where this rank is, for the driver's watchdog (hangs, stragglers): orchestrator/watchdog.py
+    heartbeat = Heartbeat(spec.job_dir, rank, world).start()
+    try:
+        record = _train(spec, reporter, heartbeat, rank, world)
+    except BaseException:
+        heartbeat.close("failed")
+        raise
+    heartbeat.close("exited")
+    return record
+
+
+def _train(spec: JobSpec, reporter: Reporter, heartbeat: Heartbeat, rank: int, world: int) -> dict:
+    heartbeat.phase("build")
     device = worker_device(spec)
     # Every group of the mesh gets the job's timeout: a hung peer fails the collective.
     mesh = FoldedMesh(spec.parallel_config(world), timeout=timedelta(seconds=spec.collective_timeout_s))
     trainer = build_trainer(spec.model, spec.train, mesh, dispatcher=spec.dispatcher,
                             attention_backend=spec.attention_backend, device=device,
                             weights=pretrained_weights(spec))
+    trainer.phase_listener = heartbeat.phase
+    heartbeat.phase("load_checkpoint")
     model_built_at = time.time()
     dataset = TokenDataset(spec.data_dir, spec.train.seq_len)
     manager = CheckpointManager(spec.checkpoint_dir, spec.checkpoint_keep, rank, world,
@@ -126,12 +142,16 @@ def run_worker(spec: JobSpec, reporter: Reporter) -> dict:
     train = spec.train
     for step in range(resumed_from or 0, train.steps):
         batch = dataset.global_batch(step, train.global_batch_size, train.seed)
+        heartbeat.begin_step(step)
         metrics = trainer.train_step(step, batch)
+        heartbeat.end_step(step)
+        heartbeat.phase("report", ("world",))
         record = step_record(step, metrics, world, peak)
         (record["memory_peak_bytes"],) = max_over_ranks([peak_memory_bytes(device)], device)
         record.update(memory)
         record["checkpointed"] = _should_save(spec, step + 1)
         if record["checkpointed"]:
+            heartbeat.phase("checkpoint", ("world",))
             manager.save(step + 1, trainer.checkpoint_state())
         reporter.step(record)
     return record
