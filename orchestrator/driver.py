@@ -352,6 +352,8 @@ def _finish(result: JobResult, rc: int | None, signum: int | None, worker_group,
     else:
         result.rc = rc if rc is not None else 1
         result.error = result.error or getattr(worker_group, "error", None)
+        if result.rc != 0 and observer.hang_cause():    # the watchdog's line first
+            result.error = f"{observer.hang_cause()}\n{result.error or ''}".rstrip()
         progress.close_bar()
         observer.close()
         worker_group.close()

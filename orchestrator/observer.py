@@ -194,6 +194,11 @@ class JobObserver:
             self._jsonl.flush()
         self.progress.update(record)
 
+    def hang_cause(self) -> str | None:
+        """The watchdog's line for the last hung rank it stopped, if any."""
+        hangs = [e for e in self.stats.faults if e["type"] == "hang"]
+        return hangs[-1]["message"] if hangs else None
+
     @property
     def finished_all_steps(self) -> bool:
         last = self.stats.last_record

@@ -209,10 +209,11 @@ class Watchdog:
         self.hang_count += 1
         done = self.kill(beat)
         self.hangs.forget(beat["rank"])
+        then = ("the job fails (cluster.max_failures=0)" if self.max_failures == 0 else
+                f"the group restarts from the latest checkpoint if cluster.max_failures="
+                f"{self.max_failures} allows")
         message = (f"rank {beat['rank']} on {beat.get('host')} stopped in {where(beat)}: {why} "
-                   f"(cluster.hang_timeout_s={self.hangs.timeout_s:g}); {done}, so the worker "
-                   f"group fails and restarts from the latest checkpoint while "
-                   f"cluster.max_failures={self.max_failures} allows")
+                   f"(cluster.hang_timeout_s={self.hangs.timeout_s:g}); {done}: {then}")
         return {"type": "hang", "rank": beat["rank"], "host": beat.get("host"),
                 "pid": beat["pid"], "phase": beat.get("phase"), "axes": beat.get("axes"),
                 "step": beat.get("step"), "why": why, "hangs": self.hang_count,
