@@ -93,8 +93,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=1)
     args = parser.parse_args(argv)
     data_cache = tempfile.mkdtemp(prefix="fault-detection-data-")
-    runs = [one_round(launcher, args.hang_timeout, data_cache)
-            for _ in range(args.rounds) for launcher in args.launchers]   # interleaved
+    runs = []
+    for _ in range(args.rounds):
+        for launcher in args.launchers:                  # interleaved
+            runs.append(one_round(launcher, args.hang_timeout, data_cache))
+            print(json.dumps(runs[-1]), flush=True)
     keys = ("named_s", "group_failed_s", "next_step_s", "driver_exit_s")
     rows = []
     for launcher in args.launchers:

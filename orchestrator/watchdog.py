@@ -169,6 +169,7 @@ class Watchdog:
         self._group: str | None = None
         self._last_read = float("-inf")
         self.hang_count = 0
+        self._stopped: set[tuple[str, int]] = set()    # (host, pid) already named: once each
 
     @classmethod
     def for_run(cls, run, job_dir: str) -> "Watchdog":
@@ -189,6 +190,7 @@ class Watchdog:
             self.stragglers = StragglerDetector(self.stragglers.factor, self.stragglers.steps)
         here = socket.gethostname()
         return [b for b in beats if group_of(b) == group and b.get("phase") not in GONE_PHASES
+                and (b.get("host"), b["pid"]) not in self._stopped
                 and (b.get("host") != here or _local_pid_alive(int(b["pid"])))]
 
     def read(self) -> list[dict]:
@@ -207,6 +209,7 @@ class Watchdog:
 
     def _stop(self, beat: dict, why: str) -> dict:
         self.hang_count += 1
+        self._stopped.add((beat.get("host"), beat["pid"]))
         done = self.kill(beat)
         self.hangs.forget(beat["rank"])
         then = ("the job fails (cluster.max_failures=0)" if self.max_failures == 0 else

@@ -165,3 +165,20 @@ def test_watchdog_reports_a_straggler_from_the_step_times_in_the_beats(tmp_path)
         events += dog.read()
     assert [(e["type"], e["rank"], e["step"]) for e in events] == [("straggler", 2, 1)]
     assert "3.0x the median of the other ranks" in events[0]["message"]
+
+
+def test_a_rank_that_cannot_be_stopped_is_named_once(tmp_path):
+    """A hung rank on another host: the driver cannot signal it; one line, not one per timeout."""
+    clock = FakeClock()
+    dog = Watchdog(str(tmp_path), hang_timeout_s=TIMEOUT, straggler_factor=1.5,
+                   straggler_steps=2, max_failures=0, clock=clock)    # the real kill_local
+    events = []
+    for t in range(30):
+        clock.now = float(t)
+        write_beat(tmp_path, beat(0, t, t, pid=os.getpid(), host=socket.gethostname()))
+        write_beat(tmp_path, beat(1, 0, 0, pid=4242, host="other-host"))
+        events += dog.read()
+    assert [e["rank"] for e in events] == [1]
+    assert events[0]["message"].endswith(
+        "cannot signal host other-host: its collectives time out instead: "
+        "the job fails (cluster.max_failures=0)")
