@@ -103,9 +103,13 @@ class StragglerDetector:
     reported: set[int] = field(default_factory=set)
     judged_up_to: int = -1
     slow_now: set[int] = field(default_factory=set)
+    first_step: int | None = None
 
     def add(self, rank: int, step: int, busy_s: float) -> None:
-        if step > self.judged_up_to:
+        if self.first_step is None:
+            self.first_step = step     # every rank of a group starts at the same step
+        # The group's first step is warm-up (allocations, lazy initialisation): not judged.
+        if step > max(self.judged_up_to, self.first_step):
             self.times.setdefault(step, {})[rank] = busy_s
 
     def judge(self) -> list[tuple[int, int, float, float]]:

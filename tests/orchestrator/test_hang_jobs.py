@@ -62,13 +62,15 @@ def test_sigstopped_torchrun_worker_is_named_and_the_job_ends(tmp_path, data_cac
     args = ["train", TINY, "--launcher", "torchrun", "--metrics-jsonl", "m.jsonl", *set_args(overrides)]
     rc, named_s, ended_s, pids, output = stop_a_worker_mid_training(args, tmp_path, rank=1)
     assert rc != 0, output[-3000:]
+    # one warning when it happens; the job's error repeats it as the cause
     lines = [line for line in output.splitlines() if "stopped in" in line]
-    assert len(lines) == 1, output[-3000:]
+    assert [line.split(":")[0] for line in lines] == ["warning", "error"], output[-3000:]
     host = socket.gethostname()
     assert f"rank 1 on {host} stopped in " in lines[0] and "no heartbeat for" in lines[0], lines
     assert f"cluster.hang_timeout_s={HANG_TIMEOUT_S}" in lines[0], lines
-    (fault,) = [json.loads(s) for s in (next((tmp_path / "runs").glob("*/faults.jsonl"))
-                                        .read_text().splitlines())]
+    events = [json.loads(s) for s in (next((tmp_path / "runs").glob("*/faults.jsonl"))
+                                      .read_text().splitlines())]
+    (fault,) = [e for e in events if e["type"] == "hang"]   # (a loaded machine may add stragglers)
     assert fault["type"] == "hang" and fault["rank"] == 1 and fault["host"] == host
     assert f"stopped in {fault['phase']} " in lines[0] and fault["step"] >= 1
     print(f"torchrun: SIGSTOP -> hang named {named_s:.1f} s, driver exit {ended_s:.1f} s "

@@ -75,7 +75,8 @@ def test_a_rank_slower_than_the_others_for_n_steps_is_one_straggler_event():
             slow = rank == 3 and step >= 2
             detector.add(rank, step, 0.10 + 0.01 * rank + (0.2 if slow else 0.0))
         found += [(step, f) for f in detector.judge()]
-    # slow from step 2: the third slow step in a row is step 4; reported once
+    # slow from step 2 (step 0, warm-up, is not judged): the third slow step in a row is
+    # step 4; reported once
     assert [(s, rank, step) for s, (rank, step, _, _) in found] == [(4, 3, 4)]
     (_, (_, _, busy, median)) = found[0]
     assert abs(busy - 0.33) < 1e-9 and abs(median - 0.11) < 1e-9
@@ -93,12 +94,14 @@ def test_noise_below_the_factor_and_broken_streaks_are_not_stragglers():
 
 def test_a_step_is_judged_only_when_every_rank_reported_it():
     detector = StragglerDetector(factor=1.5, steps=1, world_size=3)
-    detector.add(0, 0, 0.1)
-    detector.add(1, 0, 0.5)
+    for rank in range(3):
+        detector.add(rank, 10, 0.9 if rank == 0 else 0.1)   # the first step (warm-up): not judged
+    detector.add(0, 11, 0.1)
+    detector.add(1, 11, 0.5)
     assert detector.judge() == []
-    detector.add(2, 0, 0.1)
+    detector.add(2, 11, 0.1)
     assert [f[0] for f in detector.judge()] == [1]
-    detector.add(2, 0, 0.9)              # a late duplicate of a judged step is ignored
+    detector.add(2, 11, 0.9)             # a late duplicate of a judged step is ignored
     assert detector.judge() == [] and not detector.times
 
 
@@ -163,7 +166,8 @@ def test_watchdog_reports_a_straggler_from_the_step_times_in_the_beats(tmp_path)
             write_beat(tmp_path, beat(rank, t, t, pid=os.getpid(), host=host, world=3,
                                       step_times=times))
         events += dog.read()
-    assert [(e["type"], e["rank"], e["step"]) for e in events] == [("straggler", 2, 1)]
+    # step 0 is warm-up; steps 1 and 2 are the two slow steps in a row
+    assert [(e["type"], e["rank"], e["step"]) for e in events] == [("straggler", 2, 2)]
     assert "3.0x the median of the other ranks" in events[0]["message"]
 
 
