@@ -186,3 +186,37 @@ def test_a_rank_that_cannot_be_stopped_is_named_once(tmp_path):
     assert events[0]["message"].endswith(
         "cannot signal host other-host: its collectives time out instead: "
         "the job fails (cluster.max_failures=0)")
+
+
+class MetricsTracker:
+    """Records what the observer sends to MLflow for fault events."""
+
+    def __init__(self):
+        self.metrics, self.tags = [], {}
+
+    def log_metric(self, key, value, step):
+        self.metrics.append((key, value, step))
+
+    def set_tag(self, key, value):
+        self.tags[key] = value
+
+
+def test_fault_events_are_one_warning_each_and_mlflow_counts(capsys):
+    from orchestrator.observer import JobObserver
+    from orchestrator.progress import ProgressDisplay
+
+    tracker = MetricsTracker()
+    observer = JobObserver(total_steps=10, tracker=tracker, progress=ProgressDisplay(10, live=False),
+                           metrics_jsonl=None, layout_groups=lambda world: {}, driver_start=0.0)
+    events = [("straggler", 3, 4, {"stragglers": [3]}), ("straggler", 1, 6, {"stragglers": [1, 3]}),
+              ("hang", 2, 7, {"hangs": 1})]
+    for kind, rank, step, extra in events:
+        text = f"straggler: rank {rank}" if kind == "straggler" else "rank 2 on h stopped in x"
+        observer.handle({"type": kind, "rank": rank, "step": step, "message": text, **extra})
+    assert tracker.metrics == [("faults/stragglers", 1, 4), ("faults/stragglers", 2, 6),
+                               ("faults/hangs", 1, 7)]
+    assert tracker.tags == {"foldmoe.straggler_ranks": "1,3"}
+    assert observer.hang_cause() == "rank 2 on h stopped in x"
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["warning: straggler: rank 3", "warning: straggler: rank 1",
+                   "warning: rank 2 on h stopped in x"]
