@@ -36,6 +36,7 @@ from .report_artifacts import log_report
 from .stale_runs import write_driver_file
 from .summary import already_complete_message, print_job_end, status_line, summary_rows
 from .tracking import Tracker, resolve_tracking_uri, source_tags
+from .watchdog import Watchdog
 
 POLL_INTERVAL_S = 0.2
 WORKER_EVENTS = "events.jsonl"           # rank 0: start, step
@@ -285,7 +286,8 @@ def _run_job(run: RunConfig, worker_group, tracker: Tracker | None, job_dir: str
         progress.phase("place workers")
         worker_group.start()
         stop.install()
-        tails = [EventTail(os.path.join(job_dir, CONTROLLER_EVENTS)), EventTail(spec["events_path"])]
+        tails = [EventTail(os.path.join(job_dir, CONTROLLER_EVENTS)), EventTail(spec["events_path"]),
+                 Watchdog.for_run(run, job_dir)]    # hangs and stragglers, from the heartbeats
         rc = _follow(worker_group, tails, observer, stop, progress, capture)
         _finish(result, rc, stop.signum, worker_group, observer, tracker, progress, job_dir)
     except BaseException as err:  # noqa: BLE001 - every exit path ends the MLflow run
@@ -358,6 +360,8 @@ def _finish(result: JobResult, rc: int | None, signum: int | None, worker_group,
     else:
         result.rc = rc if rc is not None else 1
         result.error = result.error or observer.fatal_error or getattr(worker_group, "error", None)
+        if result.rc != 0 and observer.hang_cause():    # the watchdog's line first
+            result.error = f"{observer.hang_cause()}\n{result.error or ''}".rstrip()
         progress.close_bar()
         observer.close()
         worker_group.close()

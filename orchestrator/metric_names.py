@@ -22,6 +22,9 @@ GROUPED: dict[str, str] = {
     # time a save held training up, and the (background) write's own time (workers/loop.py)
     "checkpoint_stall_s": "checkpoint/stall_s", "checkpoint_write_s": "checkpoint/write_s",
 }
+# Faults seen by the driver's watchdog (orchestrator/watchdog.py), logged when they happen.
+FAULT_HANGS = "faults/hangs"              # hung ranks stopped so far
+FAULT_STRAGGLERS = "faults/stragglers"    # ranks straggling at the step of a new straggler
 COMM_PREFIX = "comm_bytes_"          # comm_bytes_<axis> -> comm/bytes_<axis>
 TIME_PREFIX = "time_"                # time_<phase>_s (step-time breakdown) -> time/<phase>_s
 LAYER_LOAD_KEY = "load_imbalance_by_layer"   # {layer id: max/mean} -> moe/load_imbalance_layer_<id>

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 
 from .accounting import FIRST_START, Accounting
+from .metric_names import FAULT_HANGS, FAULT_STRAGGLERS
 from .progress import ProgressDisplay
 from .tracking import Tracker
 
@@ -43,6 +44,7 @@ class JobStats:
     resumed_from_step: int | None = None
     start_info: dict = field(default_factory=dict)
     failures: list[dict] = field(default_factory=list)
+    faults: list[dict] = field(default_factory=list)          # the watchdog's hang/straggler events
     recovery_s: list[float] = field(default_factory=list)   # failure -> next completed step
     steady_tokens_per_s: list[float] = field(default_factory=list)
     steady_mfu: list[float] = field(default_factory=list)
@@ -84,6 +86,8 @@ class JobObserver:
             self.progress.warn(event.get("message", "a checkpoint failed verification"))
         elif kind == "fatal":
             self.accounting.on_fatal(event)
+        elif kind in ("hang", "straggler"):
+            self._on_fault(event)
         elif kind == "failure":
             self.accounting.on_failure(event)
             self.stats.failures.append(event)
@@ -99,6 +103,20 @@ class JobObserver:
     def fatal_error(self) -> str | None:
         """A worker's refusal that no restart can fix (the driver stops the job)."""
         return self.accounting.fatal
+
+    def _on_fault(self, event: dict) -> None:
+        """The watchdog's one line (orchestrator/watchdog.py), and its count in MLflow."""
+        self.stats.faults.append(event)
+        self.progress.warn(event["message"])
+        if self.tracker is None:
+            return
+        step = event.get("step") or 0
+        if event["type"] == "hang":
+            self.tracker.log_metric(FAULT_HANGS, event["hangs"], step=step)
+        else:
+            self.tracker.log_metric(FAULT_STRAGGLERS, len(event["stragglers"]), step=step)
+            reported = sorted({e["rank"] for e in self.stats.faults if e["type"] == "straggler"})
+            self.tracker.set_tag("foldmoe.straggler_ranks", ",".join(map(str, reported)))
 
     def _on_start(self, event: dict) -> None:
         resumed = event.get("resumed_from_step")
@@ -205,6 +223,11 @@ class JobObserver:
         self.progress.update(record)
         if isinstance(record.get("val_loss"), (int, float)):
             self.progress.note(f"step {record['step'] + 1}: val_loss {record['val_loss']:.4f} (held-out split)")
+
+    def hang_cause(self) -> str | None:
+        """The watchdog's line for the last hung rank it stopped, if any."""
+        hangs = [e for e in self.stats.faults if e["type"] == "hang"]
+        return hangs[-1]["message"] if hangs else None
 
     @property
     def finished_all_steps(self) -> bool:

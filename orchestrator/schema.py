@@ -104,6 +104,9 @@ class ClusterSection(BaseModel):
     max_failures: int = Field(3, ge=0)        # worker-group restarts before the job fails
     storage_path: str = "runs"                # per-job event log, worker PIDs, Ray Train state
     collective_timeout_s: int = Field(600, ge=10)  # a hung collective fails the step after this
+    hang_timeout_s: Float = Field(300.0, ge=3)     # no heartbeat/progress this long: rank stopped
+    straggler_factor: Float = Field(1.5, gt=1)     # busier than the others' median x this: straggler
+    straggler_steps: int = Field(3, ge=1)          # ... for this many consecutive steps
     gpu: Literal[GPU_KINDS] = "h100"          # datasheet row (engine/planner/devices.py)
     device_memory_gb: Optional[Float] = Field(None, gt=0)  # overrides the datasheet (10^9 bytes)
 

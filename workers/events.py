@@ -2,7 +2,8 @@
 
 `events.jsonl` is written by rank 0 of the worker group ("start" when a group comes up,
 "step" after every optimizer step), under Ray Train and torchrun alike; `controller.jsonl`
-by the Ray Train controller's callback ("failure" when a worker group fails). The driver
+by the Ray Train controller's callback ("failure" when a worker group fails); `faults.jsonl`
+by the driver's watchdog ("hang", "straggler": orchestrator/watchdog.py). The driver
 is the only reader: it turns events into MLflow records, the progress display and the
 --metrics-jsonl file. Files survive worker-group restarts and need no live connection.
 """

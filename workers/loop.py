@@ -31,6 +31,7 @@ from engine.train.state import layout_of
 from engine.train.trainer import Trainer
 from workers.checkpoint_resume import resume_newest_verified
 from workers.preemption import Preempted, PreemptionWatch
+from workers.heartbeat import Heartbeat
 
 
 class Reporter(Protocol):
@@ -105,12 +106,28 @@ def run_worker(spec: JobSpec, reporter: Reporter) -> dict:
     """Trains from the latest checkpoint to train.steps; returns the last step record."""
     rank, world = dist.get_rank(), dist.get_world_size()
     write_pid_file(spec.job_dir, rank)
+    # Where this rank is, for the driver's watchdog (hangs, stragglers): orchestrator/watchdog.py
+    heartbeat = Heartbeat(spec.job_dir, rank, world).start()
+    try:
+        record = _build_and_train(spec, reporter, heartbeat, rank, world)
+    except BaseException:
+        heartbeat.close("failed")
+        raise
+    heartbeat.close("exited")
+    return record
+
+
+def _build_and_train(spec: JobSpec, reporter: Reporter, heartbeat: Heartbeat, rank: int,
+                     world: int) -> dict:
+    heartbeat.phase("build")
     device = worker_device(spec)
     # Every group of the mesh gets the job's timeout: a hung peer fails the collective.
     mesh = FoldedMesh(spec.parallel_config(world), timeout=timedelta(seconds=spec.collective_timeout_s))
     trainer = build_trainer(spec.model, spec.train, mesh, dispatcher=spec.dispatcher,
                             attention_backend=spec.attention_backend, device=device,
                             weights=pretrained_weights(spec))
+    trainer.phase_listener = heartbeat.phase
+    heartbeat.phase("load_checkpoint")
     model_built_at = time.time()
     train = spec.train    # with train.eval_every, the held-out windows are never trained on
     dataset = TrainWindows(spec.data_dir, train.seq_len, held_out_windows(train), train.global_batch_size)
@@ -131,29 +148,36 @@ def run_worker(spec: JobSpec, reporter: Reporter) -> dict:
                     "params": count_parameters(spec.model), **memory})
     watch = PreemptionWatch(spec.job_dir, rank, spec.preempt_grace_s).install()
     try:
-        return _train(spec, trainer, dataset, manager, reporter, watch, resumed_from or 0,
-                      world, peak, memory, validate=lambda: evaluator.mean_loss(validation))
+        return _train_steps(spec, trainer, dataset, manager, reporter, heartbeat, watch,
+                            resumed_from or 0, world, peak, memory,
+                            validate=lambda: evaluator.mean_loss(validation))
     finally:
         watch.restore()
 
 
-def _train(spec: JobSpec, trainer: Trainer, dataset: TrainWindows, manager: CheckpointManager,
-           reporter: Reporter, watch: PreemptionWatch, first_step: int, world: int,
-           peak: float, memory: dict, validate: Callable[[], float]) -> dict:
+def _train_steps(spec: JobSpec, trainer: Trainer, dataset: TrainWindows,
+                 manager: CheckpointManager, reporter: Reporter, heartbeat: Heartbeat,
+                 watch: PreemptionWatch, first_step: int, world: int, peak: float, memory: dict,
+                 validate: Callable[[], float]) -> dict:
     record: dict = {}
     train = spec.train
     for step in range(first_step, train.steps):
         batch = dataset.global_batch(step, train.global_batch_size, train.seed)
+        heartbeat.begin_step(step)
         metrics = trainer.train_step(step, batch, stop_requested=watch.requested)
+        heartbeat.end_step(step)
+        heartbeat.phase("report", ("world",))
         record = step_record(step, metrics, world, peak)
         (record["memory_peak_bytes"],) = max_over_ranks([peak_memory_bytes(trainer.device)],
                                                         trainer.device)
         record.update(memory)
         if eval_due(train, step + 1):
+            heartbeat.phase("eval")
             record["val_loss"] = validate()
         preempted = record.pop("stop_votes") > 0    # the same on every rank (trainer.py)
         record["checkpointed"] = _should_save(spec, step + 1) or preempted
         if record["checkpointed"]:
+            heartbeat.phase("checkpoint", ("world",))
             # The last and the preemption save are waited for: the process exits next.
             background = spec.checkpoint_async and not preempted and step + 1 < train.steps
             save_start = time.perf_counter()

@@ -27,6 +27,7 @@ from engine.parallel.traffic import by_kind
 from engine.train.batch import split_microbatches
 from engine.train.loss import lm_loss_fn
 from engine.train.phase_clock import PhaseClock
+from engine.train.phases import PhaseListener, phase_axes
 from engine.train.pipeline_setup import build_executor
 from engine.train.state import checkpoint_state, load_checkpoint_state
 
@@ -63,11 +64,18 @@ class Trainer:
             model_cfg, train_cfg.global_batch_size, train_cfg.seq_len)
         self.completed_steps = 0
         self.clock = PhaseClock(self.device)
+        # Told of every phase change (the worker's heartbeat): a call, never a host sync.
+        self.phase_listener: PhaseListener | None = None
+        self._phase_axes = phase_axes(mesh.config)
         self.executor = None
         if mesh.config.pp > 1:
             self.executor = build_executor(self)
         for chunk in self.chunks:   # aux losses are per global micro-batch: average them
             set_aux_loss_scale(chunk, 1.0 / self.num_microbatches)
+
+    def _enter(self, phase: str) -> None:
+        if self.phase_listener is not None:
+            self.phase_listener(phase, self._phase_axes[phase])
 
     def loss_fn(self, logits: torch.Tensor, microbatch: dict) -> torch.Tensor:
         tp_comm = self.chunks[-1].tp_comm
@@ -76,13 +84,16 @@ class Trainer:
     def _forward_backward(self, microbatches) -> torch.Tensor:
         """Sum over micro-batches of this rank's normalised LM loss (0 off the last stage)."""
         if self.executor is not None:
+            self._enter("forward_backward")      # interleaved by the pipeline schedule
             losses = self.executor.run([mb.as_dict() for mb in microbatches])
             return sum((l for l in losses if l is not None), torch.zeros(()))
         (chunk,) = self.chunks
         total = torch.zeros(())
         for mb in microbatches:
+            self._enter("forward")
             logits = chunk(mb.inputs, mb.positions)
             loss = self.loss_fn(logits, mb.as_dict())
+            self._enter("backward")
             loss.backward()
             total += loss.detach().float().cpu()
         return total
@@ -96,6 +107,7 @@ class Trainer:
         no extra collective; the count is the most votes of one pipeline stage)."""
         start = time.perf_counter()
         self.clock.start()
+        self._enter("data")
         for chunk in self.chunks:
             chunk.train()
         microbatches = split_microbatches(global_tokens, self.mesh, self.train_cfg.micro_batch_size,
@@ -105,12 +117,15 @@ class Trainer:
         self.optimizer.prepare_for_backward(self.num_microbatches)
         lm_loss = self._forward_backward(microbatches)
         self.clock.mark("forward_backward")
+        self._enter("grad_sync")
         self.sync_grads()   # the part of the reduction backward did not hide
         self.clock.mark("grad_sync")
+        self._enter("optimizer")
         grad_norm = self.optimizer.clip_grad_norm(self.train_cfg.grad_clip)
         lr = self.optimizer.step(step)
         update_expert_biases(self.chunks)
         self.clock.mark("optimizer")
+        self._enter("metrics")
         metrics = self._step_metrics(lm_loss, grad_norm, lr, bool(stop_requested and stop_requested()))
         metrics.update(by_kind(self.mesh.traffic.since(traffic_before)))
         self.clock.mark("metrics")

@@ -85,7 +85,7 @@ def test_killed_torchrun_worker_restarts_the_group_and_resumes_bit_exact(tmp_pat
     after = [r for r in records if r["time"] > killed["kill_time"]]
     assert after and all(r["restarts"] == 1 for r in after)
     assert after[0]["step"] >= KILL_AFTER and after[0]["step"] % EVERY == 0   # a checkpoint step
-    assert "worker group failed (rank 1 (pid" in output and "killed by SIGKILL" in output
+    assert "worker group failed (failure 1: rank 1 (pid" in output and "killed by SIGKILL" in output
     # Nothing of the first group outlived it (rank 0 was torn down, not left orphaned).
     assert not any(map(process_alive, killed["first_group"].values()))
     print(f"\n[figures] torchrun recovery after kill (kill -> next completed step): "
