@@ -3,7 +3,8 @@
 
 Runs in the driver only, so exactly one process writes to MLflow whatever the number of
 workers or restarts. Event types: "placed" (rank 0 of a new worker group is up), "start"
-(model built, checkpoint loaded), "step", and the controller's "failure".
+(model built, checkpoint loaded), "step", and the controller's "failure", "schedule" and
+"resize" (elastic runs). Each group's start is kept in orchestrator/worker_groups.py.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 
 from .progress import ProgressDisplay
 from .tracking import Tracker
+from .worker_groups import WorkerGroupHistory
 
 
 def layout_text(world_size: int, layout: dict, groups: dict[str, list[list[int]]]) -> str:
@@ -40,7 +42,7 @@ class JobStats:
     resumed_from_step: int | None = None
     start_info: dict = field(default_factory=dict)
     failures: list[dict] = field(default_factory=list)
-    recovery_s: list[float] = field(default_factory=list)   # failure -> next completed step
+    groups: WorkerGroupHistory = field(default_factory=WorkerGroupHistory)
     steady_tokens_per_s: list[float] = field(default_factory=list)
     steady_mfu: list[float] = field(default_factory=list)
 
@@ -60,7 +62,6 @@ class JobObserver:
         self.stats = JobStats(driver_start=driver_start)
         self._jsonl = open(metrics_jsonl, "a", encoding="utf-8") if metrics_jsonl else None
         self._started_once = False
-        self._pending_failure_at: float | None = None
         self._first_step_of_group = True
 
     def handle(self, event: dict) -> None:
@@ -73,11 +74,20 @@ class JobObserver:
             self._on_step(event)
         elif kind == "failure":
             self.stats.failures.append(event)
-            self._pending_failure_at = event.get("time", time.time())
+            self.stats.groups.failure(event)
             self.progress.end_phase()
             self.progress.note(f"worker group failed ({event.get('error', '?')}); "
                                "restarting from the latest checkpoint")
-            self.progress.phase("restart: place workers", started=self._pending_failure_at)
+            self.progress.phase("restart: place workers", started=event["time"])
+        elif kind == "resize":
+            self.stats.groups.resize(event)
+            self.progress.end_phase()
+            self.progress.note(f"resizing the worker group: {event.get('previous_workers')} -> "
+                               f"{event.get('workers')} workers fit the cluster now; restarting "
+                               "from the latest checkpoint")
+            self.progress.phase("resize: place workers", started=event["time"])
+        elif kind == "schedule" and self._started_once:
+            self.progress.phase(f"place {event['workers']} workers", started=event["time"])
 
     def _on_start(self, event: dict) -> None:
         resumed = event.get("resumed_from_step")
@@ -87,10 +97,10 @@ class JobObserver:
             self.progress.end_phase(loaded, suffix=f" (step {resumed})" if resumed is not None
                                     else " (none: a fresh start)")
             self.progress.phase("look up the device peak", started=loaded)
-        where = (f"resumed at step {resumed} (--no-resume starts over)" if resumed is not None
-                 else "starting at step 0")
+        group = self.stats.groups.start(event)
+        hint = " (--no-resume starts over)" if resumed is not None and group.index == 0 else ""
         self.progress.end_phase(event["time"])
-        self.progress.note(f"worker group up: world size {event['world_size']}, {where}; "
+        self.progress.note(f"worker group up: {self.stats.groups.describe_start(group)}{hint}; "
                            f"peak {event['peak_flops'] / 1e12:.3g} TFLOP/s/device "
                            f"({event['peak_flops_source']})")
         self.progress.phase("first step", started=event["time"])
@@ -162,9 +172,7 @@ class JobObserver:
             s.steady_tokens_per_s.append(float(record["tokens_per_s"]))
             s.steady_mfu.append(float(record.get("mfu", 0.0)))
         self._first_step_of_group = False
-        if self._pending_failure_at is not None:
-            s.recovery_s.append(record["time"] - self._pending_failure_at)
-            self._pending_failure_at = None
+        self._on_group_first_step(record)
         s.restarts = max(s.restarts, int(record.get("restarts", 0)))
         s.last_record = record
         if self.tracker is not None:
@@ -175,6 +183,20 @@ class JobObserver:
             self._jsonl.write(json.dumps(record) + "\n")
             self._jsonl.flush()
         self.progress.update(record)
+
+    def _on_group_first_step(self, record: dict) -> None:
+        """A restarted group's first step: recovery_s goes into its record (MLflow
+        cluster/recovery_s at that step, --metrics-jsonl) and the display."""
+        group = self.stats.groups.step(record)
+        if group is None or group.index == 0:
+            return
+        if group.recovery_s is not None:
+            record["recovery_s"] = group.recovery_s
+            self.progress.note(f"recovered in {group.recovery_s:.1f} s ({group.cause} -> step "
+                               f"{record['step']} done on {group.world_size} workers)")
+        if self.tracker is not None:
+            self.tracker.log_text(json.dumps([g.as_dict() for g in self.stats.groups.groups],
+                                             indent=1), "worker_groups.json")
 
     @property
     def finished_all_steps(self) -> bool:
@@ -196,6 +218,7 @@ class JobObserver:
                 "last_step": s.last_record["step"] if s.last_record else None,
                 "resumed_from_step": s.resumed_from_step, "tokens": s.tokens,
                 "tokens_per_s": median(s.steady_tokens_per_s), "mfu": median(s.steady_mfu),
-                "recovery_s": list(s.recovery_s),
+                "recovery_s": s.groups.recovery_s(),
+                "world_sizes": [g.world_size for g in s.groups.groups],
                 "peak_flops_source": s.start_info.get("peak_flops_source"),
                 "final_loss": s.last_record.get("loss") if s.last_record else None}

@@ -104,6 +104,8 @@ class ClusterSection(BaseModel):
     max_failures: int = Field(3, ge=0)        # worker-group restarts before the job fails
     storage_path: str = "runs"                # per-job event log, worker PIDs, Ray Train state
     collective_timeout_s: int = Field(600, ge=10)  # a hung collective fails the step after this
+    resize_check_s: Float = Field(60.0, gt=0)  # elastic: how often Ray Train checks for room to grow
+    placement_timeout_s: Optional[Float] = Field(None, gt=0)  # wait for a group's resources; null: 15 s elastic, Ray's 60 s fixed
     gpu: Literal[GPU_KINDS] = "h100"          # datasheet row (engine/planner/devices.py)
     device_memory_gb: Optional[Float] = Field(None, gt=0)  # overrides the datasheet (10^9 bytes)
 

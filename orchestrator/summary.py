@@ -35,6 +35,9 @@ def summary_rows(summary: dict, *, total_steps: int, checkpoint_dir: str, newest
     restarts = f"{s.get('restarts', 0)}"
     if recovery:
         restarts += " (recovery " + ", ".join(f"{r:.1f} s" for r in recovery) + ")"
+    sizes = s.get("world_sizes") or []
+    if len(set(sizes)) > 1:
+        restarts += "; world size " + " -> ".join(map(str, sizes))
     rows.append(("restarts", restarts))
     first = s.get("time_to_first_step_s")
     rows.append(("time", f"first step after {'n/a' if first is None else f'{first:.1f} s'}, "
