@@ -90,6 +90,6 @@ class WorkerGroupHistory:
                           else f"resized {group.resized[0]} -> {group.resized[1]} workers")}
         where = (f"resumed at step {group.resumed_from_step}" if group.resumed_from_step is not None
                  else "starting at step 0")
-        head = "" if group.cause == "start" else f"worker group {group.index} ({why[group.cause]}): "
+        head = "" if group.cause == "start" else f"group {group.index} ({why[group.cause]}): "
         layout = f", {degrees_text(group.world_size, group.layout)}" if group.layout else ""
         return f"{head}world size {group.world_size}{layout}, {where}"

@@ -49,9 +49,9 @@ def test_each_restart_records_cause_size_layout_resumed_step_and_recovery(tmp_pa
     history = json.loads(tracker.texts["worker_groups.json"])
     assert [g["cause"] for g in history] == ["start", "failure", "resize"]
     shown = capsys.readouterr().out
-    assert ("worker group 1 (after a failure): world size 2, tp2 cp1 pp1 ep2 etp1 (dp1 edp1), "
+    assert ("worker group up: group 1 (after a failure): world size 2, tp2 cp1 pp1 ep2 etp1 (dp1 edp1), "
             "resumed at step 2") in shown
-    assert "worker group 2 (resized 2 -> 4 workers): world size 4" in shown
+    assert "worker group up: group 2 (resized 2 -> 4 workers): world size 4" in shown
     assert "recovered in 19.0 s (resize -> step 4 done on 4 workers)" in shown
     assert "place 2 workers" in shown and "resizing the worker group: 2 -> 4 workers" in shown
     summary = obs.summary(now=160.0)
