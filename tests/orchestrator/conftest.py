@@ -1,5 +1,7 @@
 import pytest
 
+from . import multinode
+
 
 @pytest.fixture(scope="session")
 def data_cache(tmp_path_factory):
@@ -7,4 +9,4 @@ def data_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("data_cache")
 
 
-from .multinode import ray_nodes  # noqa: E402,F401 - the elastic tests' multi-node Ray (session)
+ray_nodes = multinode.ray_nodes    # the elastic tests' multi-node Ray (session scope)

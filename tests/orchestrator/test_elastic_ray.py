@@ -56,6 +56,7 @@ def _reference_losses(tmp, data_cache) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_jsonl(tmp / "m.jsonl")}
 
 
+@pytest.mark.timeout(900)    # ~2.5 min on an idle 2-core machine, 10 min at a load average of 60
 def test_a_lost_node_shrinks_the_group_and_a_new_one_grows_it_back(ray_nodes, tmp_path, data_cache):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     overrides = job_overrides(tmp_path, data_cache, steps=STEPS, every=EVERY, tracking_uri=uri, extra=[
