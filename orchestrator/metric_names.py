@@ -17,6 +17,7 @@ GROUPED: dict[str, str] = {
     "step_time_s": "time/step_s",
     "dropped_token_fraction": "moe/dropped_token_fraction", "load_imbalance": "moe/load_imbalance",
     "restarts": "cluster/restarts", "world_size": "cluster/world_size",
+    "recovery_s": "cluster/recovery_s",   # on the first step of a restarted worker group
     "memory_peak_bytes": "memory/peak_bytes", "build_peak_bytes": "memory/build_peak_bytes",
     "param_bytes": "memory/param_bytes",
     # time a save held training up, and the (background) write's own time (workers/loop.py)

@@ -5,7 +5,10 @@ Runs in the driver only, so exactly one process writes to MLflow whatever the nu
 workers or restarts. Event types: "placed" (rank 0 of a new worker group is up), "start"
 (model built, checkpoint loaded), "step", "checkpoint_fallback" (a checkpoint failed
 verification and was moved aside), "fatal" (a refusal no restart can fix: the driver ends
-the job), and the controller's "group_start" and "failure" (orchestrator/accounting.py).
+the job), the watchdog's "hang" and "straggler", and the controller's "group_start",
+"failure", "schedule" and "resize" (elastic runs). Restarts are counted in
+orchestrator/accounting.py; each group's world size, layout and recovery_s are kept in
+orchestrator/worker_groups.py.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from .accounting import FIRST_START, Accounting
 from .metric_names import FAULT_HANGS, FAULT_STRAGGLERS
 from .progress import ProgressDisplay
 from .tracking import Tracker
+from .worker_groups import WorkerGroupHistory
 
 
 def layout_text(world_size: int, layout: dict, groups: dict[str, list[list[int]]]) -> str:
@@ -45,7 +49,7 @@ class JobStats:
     start_info: dict = field(default_factory=dict)
     failures: list[dict] = field(default_factory=list)
     faults: list[dict] = field(default_factory=list)          # the watchdog's hang/straggler events
-    recovery_s: list[float] = field(default_factory=list)   # failure -> next completed step
+    groups: WorkerGroupHistory = field(default_factory=WorkerGroupHistory)
     steady_tokens_per_s: list[float] = field(default_factory=list)
     steady_mfu: list[float] = field(default_factory=list)
 
@@ -66,7 +70,6 @@ class JobObserver:
         self.accounting = Accounting()
         self._jsonl = open(metrics_jsonl, "a", encoding="utf-8") if metrics_jsonl else None
         self._started_once = False
-        self._pending_failure_at: float | None = None
         self._first_step_of_group = True
         self._accounting_logged = False
 
@@ -91,13 +94,22 @@ class JobObserver:
         elif kind == "failure":
             self.accounting.on_failure(event)
             self.stats.failures.append(event)
-            if self._pending_failure_at is None:    # recovery: from the first failure of an outage
-                self._pending_failure_at = event.get("time", time.time())
+            self.stats.groups.failure(event)     # recovery_s: from the first failure of an outage
             self.progress.end_phase()
             self.progress.note(f"worker group failed (failure {len(self.accounting.failures)}: "
                                f"{event.get('error', '?')}); restarting from the newest "
                                "checkpoint that verifies")
             self.progress.phase("restart: place workers", started=event.get("time"))
+
+        elif kind == "resize":
+            self.stats.groups.resize(event)
+            self.progress.end_phase()
+            self.progress.note(f"resizing the worker group: {event.get('previous_workers')} -> "
+                               f"{event.get('workers')} workers fit the cluster now; restarting "
+                               "from the latest checkpoint")
+            self.progress.phase("resize: place workers", started=event["time"])
+        elif kind == "schedule" and self._started_once:
+            self.progress.phase(f"place {event['workers']} workers", started=event["time"])
 
     @property
     def fatal_error(self) -> str | None:
@@ -126,15 +138,18 @@ class JobObserver:
             self.progress.end_phase(loaded, suffix=f" (step {resumed})" if resumed is not None
                                     else " (none: a fresh start)")
             self.progress.phase("look up the device peak", started=loaded)
-        where = (f"resumed at step {resumed} (--no-resume starts over)" if resumed is not None
-                 else "starting at step 0")
-        group = self.accounting.on_start(event)
-        how = "" if group.cause == FIRST_START else f" (restart {group.group - 1}, after {group.cause})"
+        record = self.accounting.on_start(event)
+        group = self.stats.groups.start(event)
+        how = "" if record.cause == FIRST_START else f" (restart {record.group - 1}, after {record.cause})"
+        if group.cause == "resize":
+            how = f" (restart {record.group - 1}, {self.stats.groups.resize_text(group)})"
+        hint = " (--no-resume starts over)" if resumed is not None and group.index == 0 else ""
         self.progress.end_phase(event["time"])
         if self.tracker is not None:
             self.tracker.log_metric("cluster/restarts", self.accounting.restarts, step=resumed or 0)
         # Written only now: this event comes after the checkpoint was loaded on every rank.
-        self.progress.note(f"worker group {group.group} up{how}: world size {event['world_size']}, {where}; "
+        self.progress.note(f"worker group {record.group} up{how}: "
+                           f"{self.stats.groups.describe_start(group, with_cause=False)}{hint}; "
                            f"peak {event['peak_flops'] / 1e12:.3g} TFLOP/s/device "
                            f"({event['peak_flops_source']})")
         self.progress.phase("first step", started=event["time"])
@@ -206,9 +221,7 @@ class JobObserver:
             s.steady_tokens_per_s.append(float(record["tokens_per_s"]))
             s.steady_mfu.append(float(record.get("mfu", 0.0)))
         self._first_step_of_group = False
-        if self._pending_failure_at is not None:
-            s.recovery_s.append(record["time"] - self._pending_failure_at)
-            self._pending_failure_at = None
+        self._on_group_first_step(record)
         # The driver's count (every group start), not the worker's (groups it saw come up).
         record["restarts"] = self.accounting.restarts
         s.restarts = self.accounting.restarts
@@ -228,6 +241,20 @@ class JobObserver:
         """The watchdog's line for the last hung rank it stopped, if any."""
         hangs = [e for e in self.stats.faults if e["type"] == "hang"]
         return hangs[-1]["message"] if hangs else None
+
+    def _on_group_first_step(self, record: dict) -> None:
+        """A restarted group's first step: recovery_s goes into its record (MLflow
+        cluster/recovery_s at that step, --metrics-jsonl) and the display."""
+        group = self.stats.groups.step(record)
+        if group is None or group.index == 0:
+            return
+        if group.recovery_s is not None:
+            record["recovery_s"] = group.recovery_s
+            self.progress.note(f"recovered in {group.recovery_s:.1f} s ({group.cause} -> step "
+                               f"{record['step']} done on {group.world_size} workers)")
+        if self.tracker is not None:
+            self.tracker.log_text(json.dumps([g.as_dict() for g in self.stats.groups.groups],
+                                             indent=1), "worker_groups.json")
 
     @property
     def finished_all_steps(self) -> bool:
@@ -259,6 +286,7 @@ class JobObserver:
                 "last_step": s.last_record["step"] if s.last_record else None,
                 "resumed_from_step": s.resumed_from_step, "tokens": s.tokens,
                 "tokens_per_s": median(s.steady_tokens_per_s), "mfu": median(s.steady_mfu),
-                "recovery_s": list(s.recovery_s),
+                "recovery_s": s.groups.recovery_s(),
+                "world_sizes": [g.world_size for g in s.groups.groups],
                 "peak_flops_source": s.start_info.get("peak_flops_source"),
                 "final_loss": s.last_record.get("loss") if s.last_record else None}

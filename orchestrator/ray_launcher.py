@@ -83,6 +83,40 @@ def cluster_supply(where: str) -> ClusterSupply:
                          host_cores=host_cores() if one_machine else None)
 
 
+def scaling_size(cluster) -> dict:
+    """ScalingConfig's size arguments: a fixed `num_workers`, or for `[min, max]` Ray Train
+    V2's elastic range. Elastic groups restart at the size the cluster's nodes allow after
+    a failure (a lost node: fewer workers), and while healthy Ray checks every
+    `resize_check_s` whether more workers fit, then restarts the group at the larger size
+    (ScalingConfig.elastic_resize_monitor_interval_s; Ray's elastic-training guide)."""
+    if not isinstance(cluster.num_workers, list):
+        return {"num_workers": cluster.num_workers}
+    return {"num_workers": tuple(cluster.num_workers),
+            "elastic_resize_monitor_interval_s": float(cluster.resize_check_s)}
+
+
+# Ray Train reads this in its controller, which gets it from the driver's environment
+# (ray.train.v2 constants: ENV_VARS_TO_PROPAGATE).
+PLACEMENT_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+ELASTIC_PLACEMENT_TIMEOUT_S = 15.0
+
+
+def controller_env(cluster) -> dict[str, str]:
+    """Environment for Ray Train's controller. After a lost node, an elastic group may be
+    tried once more at the old size (the node still counts until the GCS has marked it
+    dead, ~15 s after a hard loss); Ray then waits for the placement group for
+    RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (60 s by default) before it tries the size that
+    fits. `cluster.placement_timeout_s` (default 15 s for an elastic range) shortens that
+    wait; the placement of resources that exist takes well under a second, and actor
+    start-up is not part of it. A value the user set in the environment wins."""
+    timeout = cluster.placement_timeout_s
+    if timeout is None and isinstance(cluster.num_workers, list):
+        timeout = ELASTIC_PLACEMENT_TIMEOUT_S
+    if timeout is None or PLACEMENT_TIMEOUT_ENV in os.environ:
+        return {}
+    return {PLACEMENT_TIMEOUT_ENV: f"{float(timeout):g}"}
+
+
 class RayLauncher:
     """start() launches TorchTrainer.fit() in a thread; poll() returns the exit code when done."""
 
@@ -103,10 +137,9 @@ class RayLauncher:
         from workers.ray_rendezvous import LoopbackTorchConfig
         from workers.ray_worker import train_loop_per_worker
 
-        from .ray_callbacks import FailureRelay
+        from .ray_callbacks import controller_callbacks
 
         c = self.run.schema.cluster
-        num_workers = tuple(c.num_workers) if isinstance(c.num_workers, list) else c.num_workers
         resources = {"CPU": c.cpus_per_worker, **({"GPU": 1} if c.use_gpu else {})}
         # A Ray on loopback is one machine (the embedded one, or a `ray start` head on
         # 127.0.0.1): its process group's store listens on loopback too.
@@ -116,8 +149,8 @@ class RayLauncher:
             train_loop_config=self.spec.to_dict(),
             torch_config=torch_config(backend="nccl" if c.use_gpu else "gloo",
                                       timeout_s=c.collective_timeout_s),
-            scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=c.use_gpu,
-                                         resources_per_worker=resources),
+            scaling_config=ScalingConfig(use_gpu=c.use_gpu, resources_per_worker=resources,
+                                         **scaling_size(c)),
             run_config=RunConfig(
                 name=os.path.basename(self.job_dir),
                 storage_path=os.path.dirname(self.job_dir),
@@ -125,7 +158,7 @@ class RayLauncher:
                 # Retention of our own checkpoints is CheckpointManager(keep); this keeps Ray's
                 # bookkeeping consistent should a checkpoint ever be reported to it.
                 checkpoint_config=CheckpointConfig(num_to_keep=self.run.schema.checkpoint.keep or None),
-                callbacks=[FailureRelay(self.controller_events_path)],
+                callbacks=controller_callbacks(self.controller_events_path, self.run.elastic),
                 # Ray Train's own INFO lines would interleave with the driver's progress.
                 logging_config=LoggingConfig(log_level="WARNING")))
 
@@ -166,12 +199,17 @@ class RayLauncher:
         self._thread.start()
 
     def _fit(self, trainer) -> None:
+        env = controller_env(self.run.schema.cluster)
+        os.environ.update(env)          # read when fit() creates the controller
         try:
             trainer.fit()
             self._rc = 0
         except BaseException as err:  # noqa: BLE001 - reported by the driver
             self.error = f"{type(err).__name__}: {err}"
             self._rc = 1
+        finally:
+            for key in env:
+                os.environ.pop(key, None)
 
     def poll(self) -> int | None:
         if self._thread is not None and self._thread.is_alive():

@@ -57,6 +57,9 @@ def restarts_text(s: dict) -> str:
     recovery = s.get("recovery_s") or []
     if recovery:
         details.append("recovery " + ", ".join(f"{r:.1f} s" for r in recovery))
+    sizes = s.get("world_sizes") or []
+    if len(set(sizes)) > 1:     # elastic: the group shrank or grew
+        details.append("world size " + " -> ".join(map(str, sizes)))
     return text + (f" ({'; '.join(details)})" if details else "")
 
 

@@ -1,0 +1,86 @@
+"""The session's multi-node Ray cluster for the elastic tests: `tests/orchestrator/ray_nodes.py`
+in a process of its own (a 0-CPU head plus worker nodes, token auth on), separate from the
+single-node `ray_cluster` fixture of tests/conftest.py. Torn down at the end of the session
+by its own `quit`, else by killing its process group."""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+
+import pytest
+
+from .jobs import ROOT, cli_env
+
+NODES, CPUS_PER_NODE = 2, 2
+
+
+class RayNodes:
+    """Talks to the cluster process: remove() and add() a worker node."""
+
+    def __init__(self, proc: subprocess.Popen, auth: dict[str, str]):
+        self.proc, self.auth = proc, auth
+        self._lock = threading.Lock()
+        self.info = self._answer(timeout_s=180)
+
+    def _answer(self, timeout_s: float) -> dict:
+        line: list[str] = []
+        reader = threading.Thread(target=lambda: line.append(self.proc.stdout.readline()), daemon=True)
+        reader.start()
+        reader.join(timeout_s)
+        if not line or not line[0]:
+            raise RuntimeError(f"the Ray cluster process did not answer in {timeout_s:.0f} s")
+        return json.loads(line[0])
+
+    def _command(self, command: str) -> dict:
+        with self._lock:
+            self.proc.stdin.write(command + "\n")
+            self.proc.stdin.flush()
+            return self._answer(timeout_s=120)
+
+    @property
+    def address(self) -> str:
+        return self.info["address"]
+
+    def remove(self) -> dict:
+        """Kills the newest worker node's raylet and workers (SIGKILL: a node lost for good)."""
+        return self._command("remove")
+
+    def add(self) -> dict:
+        return self._command("add")
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """The environment of a driver that joins this cluster."""
+        return cli_env(RAY_ADDRESS=self.address, **self.auth, **extra)
+
+
+@pytest.fixture(scope="session")
+def ray_nodes():
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
+    temp_dir = tempfile.mkdtemp(prefix="rayn", dir="/tmp")   # short: unix socket path limit
+    log = open(os.path.join(temp_dir, "cluster.log"), "wb")
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "tests" / "orchestrator" / "ray_nodes.py"), temp_dir,
+         str(NODES), str(CPUS_PER_NODE)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True, env=cli_env(**auth),
+        start_new_session=True)
+    try:
+        yield RayNodes(proc, auth)
+    finally:
+        try:
+            proc.stdin.write("quit\n")
+            proc.stdin.close()
+            proc.wait(60)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(15)
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
