@@ -7,6 +7,7 @@ The driver runs in-process (the test is the driver), as in test_ray_jobs.py."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -34,8 +35,13 @@ def test_ray_eval_of_a_ray_checkpoint_equals_inline(ray_cluster, tmp_path, data_
     result = run_training(load_config(TINY, common + TRAIN_LAYOUT), launcher="ray", live_progress=False)
     assert result.rc == 0, result.error
     assert (tmp_path / "ckpt").is_dir()
-    losses = {launcher: eval_json(common + layout, launcher, capsys)
-              for launcher, layout in EVAL_LAYOUTS.items()}
+    losses, seconds = {}, {}
+    for launcher, layout in EVAL_LAYOUTS.items():
+        started = time.monotonic()
+        losses[launcher] = eval_json(common + layout, launcher, capsys)
+        seconds[launcher] = time.monotonic() - started
+    with capsys.disabled():
+        print(f"\n[figures] eval of a 2-step Ray checkpoint: {losses}, seconds {seconds}")
     ray_eval, inline = losses["ray"], losses["inline"]
     assert ray_eval["tokens"] == inline["tokens"] > 0
     assert abs(ray_eval["loss"] - inline["loss"]) <= 1e-5 * abs(inline["loss"]), losses
