@@ -3,7 +3,7 @@
     foldmoe train CONFIG.yaml [--set key=value ...] [--metrics-jsonl PATH] [--launcher ray|torchrun]
                               [--resume | --no-resume]
     foldmoe validate CONFIG.yaml [--set key=value ...] [--json]
-    foldmoe eval CONFIG.yaml [--set key=value ...] [--tokens FILE.jsonl] [--json] [--launcher inline|torchrun]
+    foldmoe eval CONFIG.yaml [--set key=value ...] [--tokens FILE.jsonl] [--json] [--launcher inline|torchrun|ray]
     foldmoe export CHECKPOINT_STEP_DIR OUT_DIR [--model-type T] [--max-shard-size 5GB]
     foldmoe plan CONFIG.yaml --gpus N [--gpu h100|h200|a100|b200|cpu] [--gpus-per-node 8]
                  [--top K] [--only tp=2,ep=8,...] [--calibrate] [--set ...] [--json]

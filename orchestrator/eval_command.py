@@ -1,4 +1,4 @@
-"""`foldmoe eval CONFIG [--set ...] [--tokens FILE.jsonl] [--json] [--launcher inline|torchrun]`:
+"""`foldmoe eval CONFIG [--set ...] [--tokens FILE.jsonl] [--json] [--launcher inline|torchrun|ray]`:
 the forward-only mean token loss and perplexity of a run's weights, in the run's layout.
 
 Weights: the newest complete checkpoint in checkpoint.dir (any layout, resharded on load),
@@ -9,8 +9,10 @@ Output: one line, and with --json a last line `{"loss": L, "tokens": N, "perplex
 
 Launchers: `inline` runs in the processes this command was started in: one process, or
 every rank of `torchrun ... -m orchestrator.cli eval ...` (rank 0 prints); `torchrun` starts
-cluster.num_workers processes on this machine like `foldmoe train --launcher torchrun`.
-Default: inline for one worker or inside a torchrun world, torchrun otherwise.
+cluster.num_workers processes on this machine like `foldmoe train --launcher torchrun`; `ray`
+runs them as a Ray Train worker group like `foldmoe train` (joins $RAY_ADDRESS or this
+process's Ray, else starts a local one; Ray's output goes to <job_dir>/ray.log).
+Default: inline for one worker or inside a torchrun world, else ray (train's default).
 """
 from __future__ import annotations
 
@@ -43,9 +45,10 @@ def add_eval_parser(sub) -> None:
                         help='rows of {"input_ids": [...]} (default: the held-out split of the data)')
     parser.add_argument("--json", action="store_true",
                         help='last line of stdout: {"loss": L, "tokens": N, "perplexity": P}')
-    parser.add_argument("--launcher", choices=("inline", "torchrun"), default=None,
-                        help="inline: in this process (or this torchrun world); torchrun: start "
-                             "cluster.num_workers processes (default: inline for 1 worker)")
+    parser.add_argument("--launcher", choices=("inline", "torchrun", "ray"), default=None,
+                        help="inline: in this process (or this torchrun world); torchrun / ray: "
+                             "start cluster.num_workers workers like `foldmoe train` "
+                             "(default: inline for 1 worker, else ray)")
 
 
 def eval_command(args: argparse.Namespace) -> int:
@@ -58,7 +61,7 @@ def eval_command(args: argparse.Namespace) -> int:
         if inline and world not in run.world_sizes:
             raise ConfigError(f"cluster.num_workers={run.schema.cluster.num_workers}: --launcher inline "
                               f"runs in this world of {world} process(es); set it to {world}")
-        result = _run_inline(spec) if inline else _run_launched(run, spec)
+        result = _run_inline(spec) if inline else _run_launched(run, spec, args.launcher or "ray")
     except ConfigError as err:
         print(f"{err.kind}: {err}", file=sys.stderr)
         return EXIT_CONFIG
@@ -136,16 +139,22 @@ def _run_inline(spec) -> dict | None:
             dist.destroy_process_group()
 
 
-def _run_launched(run: RunConfig, spec) -> dict:
-    """Starts the worker group with the driver's launcher and reads rank 0's "eval" event."""
+def _run_launched(run: RunConfig, spec, kind: str) -> dict:
+    """Starts the worker group with the driver's launcher (`kind`: torchrun or ray) and reads
+    rank 0's "eval" event from the job's event file (as training's events are read)."""
     from workers.events import EventTail
 
-    from .driver import _make_launcher, job_dir_for, write_spec
+    from .driver import RAY_LOG, _make_launcher, job_dir_for, write_spec
+    from .ray_output import RayOutputCapture
 
     job_dir = job_dir_for(run) + "-eval"
     os.makedirs(job_dir)
     spec = dataclasses.replace(spec, job_dir=job_dir, events_path=os.path.join(job_dir, "events.jsonl"))
-    launcher = _make_launcher("torchrun", run, job_dir)
+    launcher = _make_launcher(kind, run, job_dir)
+    log_path = getattr(launcher, "log_path", os.path.join(job_dir, RAY_LOG))
+    capture = RayOutputCapture(log_path) if kind == "ray" else None
+    if capture is not None:
+        capture.start()
     try:
         launcher.connect()
         launcher.spec = spec
@@ -155,10 +164,12 @@ def _run_launched(run: RunConfig, spec) -> dict:
             time.sleep(POLL_INTERVAL_S)
     finally:
         launcher.close()
+        if capture is not None:
+            capture.stop()
     found = [e for e in EventTail(spec.events_path).read() if e.get("type") == "eval"]
     if rc != 0 or not found:
         error = (launcher.error or f"the workers exited with {rc} and wrote no result").splitlines()
-        raise EvalFailed(f"{error[0]} (log: {launcher.log_path}){_last_error(error)}")
+        raise EvalFailed(f"{error[0]} (log: {log_path}){_last_error(error)}")
     return found[-1]
 
 
