@@ -88,7 +88,7 @@ def test_val_loss_init_from_and_eval_of_the_export(tmp_path, data_cache):
     (step_dir,) = glob.glob(str(tmp_path / "ckpt-tp2ep2" / f"step{STEPS:08d}"))
     out = run_cli(["export", step_dir, str(export)], cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
-    out = run_cli(["eval", a["config"], "--json"], cwd=tmp_path)     # 2 workers: under torchrun
+    out = run_cli(["eval", a["config"], "--json", "--launcher", "torchrun"], cwd=tmp_path)  # 2 workers
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     (held_out,) = held_out_batches(data_dir, SEQ, 1, BATCH)
