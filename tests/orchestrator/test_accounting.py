@@ -51,7 +51,7 @@ def test_two_identical_failures_are_two_restarts_in_the_summary_and_mlflow(capsy
     assert groups[2]["resumed_from_step"] == 1 and groups[2]["fallbacks"] == ["warning: checkpoint x failed"]
     out = capsys.readouterr()
     assert "worker group 3 up (restart 2, after failure 2: RuntimeError: the same thing again): " \
-           "world size 4, resumed at step 1" in out.out
+           "world size 4, tp2 cp1 pp1 ep4 etp1 (dp2 edp1), resumed at step 1" in out.out
     assert "warning: checkpoint x failed" in out.err
 
 

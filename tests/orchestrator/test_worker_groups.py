@@ -49,16 +49,16 @@ def test_each_restart_records_cause_size_layout_resumed_step_and_recovery(tmp_pa
     history = json.loads(tracker.texts["worker_groups.json"])
     assert [g["cause"] for g in history] == ["start", "failure", "resize"]
     shown = capsys.readouterr().out
-    assert ("worker group up: group 1 (after a failure): world size 2, tp2 cp1 pp1 ep2 etp1 (dp1 edp1), "
-            "resumed at step 2") in shown
-    assert "worker group up: group 2 (resized 2 -> 4 workers): world size 4" in shown
+    assert ("worker group 2 up (restart 1, after failure 1: node lost): world size 2, "
+            "tp2 cp1 pp1 ep2 etp1 (dp1 edp1), resumed at step 2") in shown
+    assert "worker group 3 up (restart 2, resized 2 -> 4 workers): world size 4" in shown
     assert "recovered in 19.0 s (resize -> step 4 done on 4 workers)" in shown
     assert "place 2 workers" in shown and "resizing the worker group: 2 -> 4 workers" in shown
     summary = obs.summary(now=160.0)
     assert summary["recovery_s"] == [24.0, 19.0] and summary["world_sizes"] == [4, 2, 4]
     rows = dict(summary_rows(summary, total_steps=5, checkpoint_dir="c", newest_checkpoint=None,
                              job_dir="j", mlflow_link=None, ray_errors=None))
-    assert rows["restarts"] == "2 (recovery 24.0 s, 19.0 s); world size 4 -> 2 -> 4"
+    assert rows["restarts"] == "2 (3 worker groups, 1 failure; recovery 24.0 s, 19.0 s; world size 4 -> 2 -> 4)"
 
 
 def test_without_a_controller_record_recovery_starts_at_the_last_step():
