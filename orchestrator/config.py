@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -143,7 +144,8 @@ class RunConfig:
                        collective_timeout_s=c.collective_timeout_s,
                        checkpoint_every_steps=ckpt.every_steps, checkpoint_keep=ckpt.keep,
                        checkpoint_async=ckpt.async_save, preempt_grace_s=ckpt.preempt_grace_s,
-                       resume=ckpt.resume, init_from=self.init_from, layouts=layouts)
+                       resume=ckpt.resume, resume_since_unix=None if ckpt.resume else time.time(),
+                       init_from=self.init_from, layouts=layouts)
 
     @property
     def init_from(self) -> str | None:

@@ -28,9 +28,10 @@ def all_gather_objects(value: Any) -> list[Any]:
     return out
 
 
-def resume_newest_verified(trainer, root: str, emit: Emit) -> int | None:
-    """Loads the newest checkpoint under `root` that every rank verifies; returns its step,
-    or None for a fresh start. Raises CheckpointError (after a "fatal" event) otherwise."""
+def resume_newest_verified(trainer, root: str, emit: Emit,
+                           since_unix: float | None = None) -> int | None:
+    """Loads the newest checkpoint under `root` (written at or after since_unix, if given)
+    that every rank verifies; returns its step, or None for a fresh start. Raises CheckpointError (after a "fatal" event) otherwise."""
     rank = dist.get_rank()
 
     def try_load(path: str) -> dict:
@@ -42,7 +43,8 @@ def resume_newest_verified(trainer, root: str, emit: Emit) -> int | None:
         emit("checkpoint_fallback", message=message)
 
     try:
-        found = load_newest_verified(root, try_load, rank=rank, gather=all_gather_objects, warn=warn)
+        found = load_newest_verified(root, try_load, rank=rank, gather=all_gather_objects, warn=warn,
+                                     since_unix=since_unix)
     except CheckpointError as err:
         emit("fatal", error=f"checkpoint.dir={root}: {err}", cause="checkpoint")
         raise

@@ -70,9 +70,13 @@ def resume(trainer: Trainer, manager: CheckpointManager, spec: JobSpec,
 
     The checkpoint may come from any world size and layout: each rank reads only the
     regions of the saved shards it needs (engine.train.state.load_resharded)."""
-    if not spec.resume:
+    if spec.resume:
+        return resume_newest_verified(trainer, manager.root, reporter.event)
+    if spec.resume_since_unix is None:
         return None
-    return resume_newest_verified(trainer, manager.root, reporter.event)
+    # --no-resume: older checkpoints are ignored, but a restarted group of this job goes on
+    # from the ones it wrote itself.
+    return resume_newest_verified(trainer, manager.root, reporter.event, spec.resume_since_unix)
 
 
 def _should_save(spec: JobSpec, completed: int) -> bool:

@@ -121,9 +121,19 @@ def _to_stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def created_since(path: str, since_unix: float) -> bool:
+    """Whether the checkpoint at `path` was written at or after `since_unix` (its manifest's
+    created_unix); a manifest that cannot be read is not counted as this job's."""
+    try:
+        return float(read_manifest(path).get("created_unix", 0.0)) >= since_unix
+    except (CheckpointError, OSError, TypeError, ValueError):
+        return False
+
+
 def load_newest_verified(root: str, try_load: Callable[[str], Any], *, rank: int = 0,
                          gather: Callable[[Any], list[Any]] = _alone,
-                         warn: Callable[[str], None] = _to_stderr) -> tuple[str, Any] | None:
+                         warn: Callable[[str], None] = _to_stderr,
+                         since_unix: float | None = None) -> tuple[str, Any] | None:
     """(path, what try_load returned on this rank) for the newest checkpoint under `root`
     that every rank loaded, or None when there is none (a fresh start).
 
@@ -131,9 +141,14 @@ def load_newest_verified(root: str, try_load: Callable[[str], Any], *, rank: int
     for a checkpoint that fails verification; gather(value) returns every rank's value in
     rank order (one process: [value]); warn is called on rank 0 for each checkpoint moved
     aside. Raises CheckpointError (the same message on every rank) for a checkpoint that does
-    not fit, and NoVerifiedCheckpointError when none verifies."""
-    candidates = gather([path for _, path in complete_checkpoints(root)])[0]
+    not fit, and NoVerifiedCheckpointError when none verifies. With since_unix, only the
+    checkpoints written at or after it are candidates (a --no-resume job's own ones)."""
+    listing = [path for _, path in complete_checkpoints(root)
+               if since_unix is None or created_since(path, since_unix)]
+    candidates = gather(listing)[0]
     if not candidates:
+        if since_unix is not None:
+            return None
         held = quarantined(root)
         if held:
             raise NoVerifiedCheckpointError(

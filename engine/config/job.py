@@ -37,6 +37,9 @@ class JobSpec:
     checkpoint_async: bool = True     # periodic saves written in a background thread
     preempt_grace_s: float = 25.0     # SIGTERM: finish the step, save it, exit within this
     resume: bool = True
+    # resume=False (--no-resume): a restarted worker group of this job still resumes from the
+    # checkpoints the job itself wrote, those created at or after this time (the driver's start).
+    resume_since_unix: float | None = None
     init_from: str | None = None      # HF model dir: initial weights when no checkpoint exists
     layouts: dict[str, dict[str, Any]] = field(default_factory=dict)   # world size -> degrees
     task: str = "train"               # "train" | "eval" (foldmoe eval: workers/eval_worker.py)

@@ -140,6 +140,16 @@ def test_keep_zero_keeps_every_checkpoint_as_documented():
     assert spec.checkpoint_keep == 0
 
 
+def test_no_resume_still_lets_a_restarted_group_resume_from_this_jobs_checkpoints():
+    import time
+    before = time.time()
+    fresh = load_config(TINY, ["checkpoint.resume=false"]).job_spec(
+        job_dir="/j", data_dir="/d", checkpoint_dir="/c", events_path="/e")
+    assert fresh.resume is False and fresh.resume_since_unix >= before
+    plain = load_config(TINY).job_spec(job_dir="/j", data_dir="/d", checkpoint_dir="/c", events_path="/e")
+    assert plain.resume and plain.resume_since_unix is None
+
+
 def test_flatten_uses_dotted_keys():
     assert flatten({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": None}) == {
         "a.b": 1, "a.c.d": [1, 2], "e": None}

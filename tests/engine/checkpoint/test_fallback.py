@@ -148,3 +148,17 @@ def test_ranks_agree_when_only_one_rank_sees_the_corruption(tmp_path):
     assert quarantined(str(tmp_path)) == ["step00000002.sha256-mismatch"]
     (warning,) = warnings                          # rank 0 alone warns (and renames)
     assert "found by rank 1" in warning and "rank00001.safetensors" in warning
+
+
+def test_no_resume_job_resumes_only_from_the_checkpoints_it_wrote(tmp_path):
+    """--no-resume ignores older checkpoints, but a restarted group of the same job goes on
+    from its own (created at or after the driver's start)."""
+    import time
+    _save(tmp_path, [5, 6])                       # an earlier run's
+    since = time.time()
+    assert load_newest_verified(str(tmp_path), _load_all, since_unix=since) is None
+    _save(tmp_path, [2])                          # this job's first checkpoint
+    path, step = load_newest_verified(str(tmp_path), _load_all, since_unix=since)
+    assert (os.path.basename(path), step) == ("step00000002", 2)
+    path, step = load_newest_verified(str(tmp_path), _load_all)   # plain resume: the newest
+    assert step == 6
