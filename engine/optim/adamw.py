@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import torch
 
-# 4 operands + 1 scratch of 1M fp32 = 20 MB, inside a 32 MB L3; the fastest of 64K-4M
-# elements on the 2-core CPU (4.7x torch's per-tensor kernel: benchmarks/results/adamw.json).
-# Smaller chunks pay torch's per-op dispatch (8 ops per chunk) more often.
+# 4 operands + 1 scratch of 1M fp32 = 20 MB, inside a 32 MB L3. Chunks of 64K-4M elements all
+# took 0.2-0.5x the per-tensor kernel's time on the 2-core CPU, 1M the least in the quieter of
+# two runs (benchmarks/results/adamw.json); smaller chunks pay the 8 ops' dispatch more often.
 CHUNK_ELEMS = 1 << 20
 
 
