@@ -15,7 +15,6 @@ import os
 import shlex
 import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 
@@ -33,6 +32,7 @@ from .preflight import run_preflight
 from .progress import ProgressDisplay
 from .ray_output import RayOutputCapture
 from .report_artifacts import log_report
+from .signals import StopSignal, signal_of
 from .stale_runs import write_driver_file
 from .summary import already_complete_message, print_job_end, status_line, summary_rows
 from .tracking import Tracker, resolve_tracking_uri, source_tags
@@ -55,30 +55,6 @@ class JobResult:
     error: str | None = None
     signaled: int | None = None
     complete: bool = False       # nothing to train: the newest checkpoint is at train.steps
-
-
-class StopSignal:
-    """SIGTERM/SIGINT set a flag that the driver loop checks every POLL_INTERVAL_S."""
-
-    def __init__(self):
-        self.signum: int | None = None
-        self._previous: dict[int, object] = {}
-
-    def install(self) -> None:
-        """Call again after ray.init(), which replaces the SIGTERM handler with sys.exit."""
-        if threading.current_thread() is not threading.main_thread():
-            return
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            previous = signal.signal(sig, self._handle)
-            self._previous.setdefault(sig, previous)
-
-    def _handle(self, signum, _frame) -> None:
-        self.signum = signum
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
 
 
 # ------------------------------------------------------------------ preparation
@@ -224,7 +200,7 @@ def _start_and_run(run: RunConfig, launcher: str, worker_group, spec: dict,
     try:
         tracker = _connect_and_check(run, launcher, worker_group, spec, progress, capture)
     except (KeyboardInterrupt, SystemExit) as err:     # stopped before any worker started
-        return _stopped_early(spec["job_dir"], _signal_of(err))
+        return _stopped_early(spec["job_dir"], signal_of(err))
     stop.install()     # ray.init() replaced the SIGTERM handler
     if stop.signum is not None:                        # a signal while preparing
         if tracker:
@@ -292,7 +268,7 @@ def _run_job(run: RunConfig, worker_group, tracker: Tracker | None, job_dir: str
         _finish(result, rc, stop.signum, worker_group, observer, tracker, progress, job_dir)
     except BaseException as err:  # noqa: BLE001 - every exit path ends the MLflow run
         result.error = f"{type(err).__name__}: {err}"
-        _finish(result, 1, stop.signum or _signal_of(err), worker_group, observer, tracker,
+        _finish(result, 1, stop.signum or signal_of(err), worker_group, observer, tracker,
                 progress, job_dir)
     progress.end_phase()
     if result.signaled is None:
@@ -334,16 +310,6 @@ def _follow(worker_group, tails: list[EventTail], observer: JobObserver, stop: S
         placing = "place workers" in (progress.current_phase or "")
         progress.tick(worker_group.waiting_for if placing else None)
         time.sleep(POLL_INTERVAL_S)
-
-
-def _signal_of(err: BaseException) -> int | None:
-    """A signal that arrived as an exception: Ctrl-C, or SIGTERM while Ray's own handler
-    (sys.exit(15), installed by ray.init) was still in place."""
-    if isinstance(err, KeyboardInterrupt):
-        return signal.SIGINT
-    if isinstance(err, SystemExit):
-        return signal.SIGTERM
-    return None
 
 
 def _finish(result: JobResult, rc: int | None, signum: int | None, worker_group,

@@ -104,9 +104,36 @@ class ElasticRelay(ControllerCallback or _NoHooks):
             self._coordinator = None
 
 
-def controller_callbacks(events_path: str, elastic: bool) -> list:
+class PreemptionHandlers(WorkerGroupCallback):
+    """Installs the preemption SIGTERM handler in every worker of a new group, as a task on
+    the worker actor, which runs on the process's main thread (workers/preemption.py: the
+    training function runs in another thread, where Python cannot install handlers)."""
+
+    def __init__(self, grace_s: float, timeout_s: float = 60.0):
+        self.grace_s, self.timeout_s = grace_s, timeout_s
+
+    def after_worker_group_start(self, worker_group) -> None:
+        import ray
+
+        from workers.preemption import catch_sigterm_for_worker_threads
+
+        workers = worker_group.get_workers()
+        refs = [w.execute_async(catch_sigterm_for_worker_threads, rank, self.grace_s)
+                for rank, w in enumerate(workers)]
+        try:
+            installed = ray.get(refs, timeout=self.timeout_s)
+        except Exception as err:  # noqa: BLE001 - a worker that cannot save still trains
+            print(f"warning: preemption handlers not installed ({type(err).__name__}: {err}); "
+                  "a SIGTERMed worker resumes from the newest periodic checkpoint", flush=True)
+            return
+        if not all(installed):
+            print("warning: a Ray Train worker ran its tasks off the main thread; SIGTERM there "
+                  "resumes from the newest periodic checkpoint", flush=True)
+
+
+def controller_callbacks(events_path: str, elastic: bool, preempt_grace_s: float = 25.0) -> list:
     """The callbacks the launcher passes to RunConfig(callbacks=...)."""
-    relays: list = [FailureRelay(events_path)]
+    relays: list = [FailureRelay(events_path), PreemptionHandlers(preempt_grace_s)]
     if elastic and ControllerCallback is not None:
         relays.append(ElasticRelay(events_path))
     return relays

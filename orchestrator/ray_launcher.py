@@ -158,7 +158,8 @@ class RayLauncher:
                 # Retention of our own checkpoints is CheckpointManager(keep); this keeps Ray's
                 # bookkeeping consistent should a checkpoint ever be reported to it.
                 checkpoint_config=CheckpointConfig(num_to_keep=self.run.schema.checkpoint.keep or None),
-                callbacks=controller_callbacks(self.controller_events_path, self.run.elastic),
+                callbacks=controller_callbacks(self.controller_events_path, self.run.elastic,
+                                               self.run.schema.checkpoint.preempt_grace_s),
                 # Ray Train's own INFO lines would interleave with the driver's progress.
                 logging_config=LoggingConfig(log_level="WARNING")))
 

@@ -48,13 +48,49 @@ def write_request(job_dir: str, reason: str) -> None:
     os.replace(tmp, request_path(job_dir))
 
 
+# SIGTERM caught on the main thread for a loop that runs in another thread: signals are
+# process-wide, and Python runs handlers on the main thread only.
+_process_sigterm_at: list[float] = []
+
+
+def catch_sigterm_for_worker_threads(rank: int, grace_s: float) -> bool:
+    """Replaces Ray's exit-on-SIGTERM in a Ray Train worker with a flag that the training
+    thread's PreemptionWatch reads, plus the grace watchdog.
+
+    Run as a task on the worker actor (orchestrator/ray_callbacks.py): Ray Train V2's
+    worker actor runs its tasks on the process's main thread (max_concurrency=1) and the
+    training function in a thread of its own, so this is the one place where the handler
+    can be installed. Ray's core worker checks for signals while it waits for tasks, so the
+    handler runs while training goes on in the other thread."""
+    if threading.current_thread() is not threading.main_thread():
+        return False
+
+    def on_sigterm(_signum, _frame) -> None:
+        if _process_sigterm_at:
+            return
+        _process_sigterm_at.append(time.monotonic())
+        print(f"rank {rank}: SIGTERM: finishing the step, saving, exiting within {grace_s:g}s",
+              file=sys.stderr, flush=True)
+        watchdog = threading.Timer(grace_s, _exit_after_grace, args=(rank, grace_s))
+        watchdog.daemon = True
+        watchdog.start()
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    return True
+
+
+def _exit_after_grace(rank: int, grace_s: float) -> None:
+    print(f"rank {rank}: {grace_s:g}s after SIGTERM: exiting", file=sys.stderr, flush=True)
+    os._exit(EXIT_PREEMPTED)
+
+
 class PreemptionWatch:
     """This rank's stop request: a SIGTERM it received, or (rank 0) the driver's request file.
 
     The signal handler can only be installed from the main thread (Python's rule): torchrun
-    workers run the loop there. Under Ray Train V2 the loop runs in a thread and Ray's own
-    SIGTERM handler stays (the process exits; the group restarts from the last checkpoint);
-    the driver's request file works under both."""
+    workers run the loop there. Under Ray Train V2 the loop runs in a thread; the handler is
+    installed on the actor's main thread by catch_sigterm_for_worker_threads, and this
+    watch reads its flag. The driver's request file works under both."""
 
     def __init__(self, job_dir: str, rank: int, grace_s: float):
         self.job_dir, self.rank, self.grace_s = job_dir, rank, grace_s
@@ -95,7 +131,7 @@ class PreemptionWatch:
 
     def requested(self) -> bool:
         """This rank's vote for the current step (read when the step's metrics are reduced)."""
-        if self.signaled_at is not None:
+        if self.signaled_at is not None or _process_sigterm_at:
             return True
         if self.rank != 0 or time.monotonic() < self._next_poll:
             return False

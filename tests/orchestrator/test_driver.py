@@ -13,7 +13,8 @@ import torch
 from engine.checkpoint import CheckpointManager
 from orchestrator.cli import main as cli_main
 from orchestrator.config import ConfigError, load_config
-from orchestrator.driver import _signal_of, prepare_data
+from orchestrator.driver import prepare_data
+from orchestrator.signals import signal_of
 from orchestrator.resume_checks import check_resumable, completed_step
 
 from .jobs import TINY
@@ -70,9 +71,9 @@ def test_model_vocabulary_must_cover_the_tokenizer(data_cache):
 
 
 def test_signals_arriving_as_exceptions_end_the_run_as_killed():
-    assert _signal_of(KeyboardInterrupt()) == signal.SIGINT
-    assert _signal_of(SystemExit(15)) == signal.SIGTERM   # ray.init's handler: sys.exit(15)
-    assert _signal_of(RuntimeError("worker died")) is None
+    assert signal_of(KeyboardInterrupt()) == signal.SIGINT
+    assert signal_of(SystemExit(15)) == signal.SIGTERM   # ray.init's handler: sys.exit(15)
+    assert signal_of(RuntimeError("worker died")) is None
 
 
 TINY_LAYOUT = {"world_size": 4, "tp": 2, "cp": 1, "pp": 1, "ep": 4, "etp": 1, "vpp": 1}

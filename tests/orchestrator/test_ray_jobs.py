@@ -160,6 +160,45 @@ def test_killed_worker_restarts_and_resumes_bit_exact(uninterrupted, tmp_path, d
           f"time to first step {result.summary['time_to_first_step_s']:.1f}s")
 
 
+def _sigterm_rank_after_steps(tmp, rank: int, steps: int, out: dict) -> None:
+    """From outside the job: SIGTERM `rank`'s process (a preempted node, an evicted pod)
+    once `steps` steps are reported."""
+    try:
+        wait_for(lambda: len(read_jsonl(tmp / "m.jsonl")) >= steps if (tmp / "m.jsonl").exists()
+                 else False, timeout=300, what=f"{steps} steps")
+        (pid_file,) = list((tmp / "runs").glob(f"*/workers/rank{rank}.pid"))
+        os.kill(int(pid_file.read_text()), signal.SIGTERM)
+        out["signal_time"] = time.time()
+    except BaseException as err:  # noqa: BLE001 - reported by the test
+        out["error"] = err
+
+
+def test_sigterm_to_a_ray_worker_saves_the_step_in_progress(uninterrupted, tmp_path, data_cache):
+    """Ray Train runs the loop in a thread: the handler installed on the worker actor's main
+    thread (orchestrator/ray_callbacks.py PreemptionHandlers) turns the SIGTERM into the
+    stop vote, every rank saves that step, and the new group resumes there, not at the
+    newest periodic checkpoint (every 3 steps)."""
+    _, _, reference, _ = uninterrupted
+    signaled: dict = {}
+    thread = threading.Thread(target=_sigterm_rank_after_steps, args=(tmp_path, 2, 1, signaled),
+                              daemon=True)
+    thread.start()
+    result, records = _run_ray_job(tmp_path, data_cache)
+    thread.join(5)
+    assert "error" not in signaled, signaled.get("error")
+    assert result.rc == 0, result.error
+    events = read_jsonl(next((tmp_path / "runs").glob("*/events.jsonl")))
+    (preempted,) = [e for e in events if e["type"] == "step" and e.get("preempted")]
+    saved_at = preempted["step"] + 1
+    starts = [e["resumed_from_step"] for e in events if e["type"] == "start"]
+    assert starts == [None, saved_at], (starts, saved_at)
+    expected = {r["step"]: r["loss"] for r in reference}
+    assert sorted(last_per_step(records)) == list(range(STEPS))
+    assert [r["step"] for r in records if r["loss"] != expected[r["step"]]] == []
+    print(f"\n[figures] ray worker SIGTERM at step {preempted['step']}: saved step {saved_at} in "
+          f"{preempted['checkpoint_stall_s']:.2f}s, resumed there")
+
+
 def test_sigterm_to_a_driver_connected_by_ray_address(ray_cluster, tmp_path, data_cache):
     """`foldmoe train` with RAY_ADDRESS joins the running cluster (shipping its code as
     py_modules); SIGTERM (what `ray job stop` sends) ends it within 3 s with the MLflow run
