@@ -145,7 +145,8 @@ class JobObserver:
             how = f" (restart {record.group - 1}, {self.stats.groups.resize_text(group)})"
         hint = " (--no-resume starts over)" if resumed is not None and group.index == 0 else ""
         self.progress.end_phase(event["time"])
-        if self.tracker is not None:
+        if self.tracker is not None and self.accounting.restarts:
+            # at once, also for a group that fails before its first step (steps carry it too)
             self.tracker.log_metric("cluster/restarts", self.accounting.restarts, step=resumed or 0)
         # Written only now: this event comes after the checkpoint was loaded on every rank.
         self.progress.note(f"worker group {record.group} up{how}: "
