@@ -20,6 +20,16 @@ import sys
 _ERROR_LINE = re.compile(r"\bERROR\b|^\[[^\]]* E \d+ \d+\]|^Traceback |^\w+(\.\w+)*(Error|Exception): ")
 
 
+def _set_stream(handler: logging.StreamHandler, stream):
+    """handler.setStream, except that an old stream already closed is not flushed (it would
+    raise ValueError); returns the old stream."""
+    old = handler.stream
+    if getattr(old, "closed", False):
+        handler.stream = stream
+        return old
+    return handler.setStream(stream)
+
+
 class RayOutputCapture:
     def __init__(self, log_path: str):
         self.log_path = log_path
@@ -53,14 +63,16 @@ class RayOutputCapture:
             for handler in logging.getLogger(name).handlers:
                 if (isinstance(handler, logging.StreamHandler)
                         and not isinstance(handler, logging.FileHandler) and id(handler) not in seen):
-                    self._rerouted.append((handler, handler.setStream(self._log)))
+                    self._rerouted.append((handler, _set_stream(handler, self._log)))
                     seen.add(id(handler))
 
     def stop(self) -> None:
         if self._log is None:
             return
         for handler, stream in self._rerouted:
-            handler.setStream(stream)
+            # A handler made while sys.stderr was another program's stream (pytest's
+            # capture, a notebook's) may hold it closed by now: then the terminal.
+            _set_stream(handler, sys.stderr if getattr(stream, "closed", False) else stream)
         self._rerouted.clear()
         logging.getLogger("py.warnings").removeHandler(self._warnings_handler)
         logging.captureWarnings(False)

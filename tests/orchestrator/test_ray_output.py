@@ -41,3 +41,24 @@ def test_fd2_ray_loggers_and_warnings_go_to_the_log_and_are_restored(tmp_path, c
 def test_no_errors_no_summary(tmp_path):
     (tmp_path / "ray.log").write_text("2026-12-01 10:00:00,000\tINFO worker.py:1 -- Started\n")
     assert RayOutputCapture(str(tmp_path / "ray.log")).error_summary() is None
+
+
+def test_a_ray_handler_holding_a_closed_stream_is_rerouted_and_given_the_terminal_back(tmp_path):
+    """A handler made while sys.stderr was a stream that is closed by now (pytest's capture
+    of an earlier test, a notebook's): rerouting must not flush it (ValueError)."""
+    import io
+    gone = io.StringIO()
+    handler = logging.StreamHandler(gone)
+    ray_logger = logging.getLogger("ray.test_closed_stream")
+    ray_logger.addHandler(handler)
+    gone.close()
+    capture = RayOutputCapture(str(tmp_path / "ray.log"))
+    try:
+        capture.start()
+        assert handler.stream is not gone
+        ray_logger.warning("to the log")
+    finally:
+        capture.stop()
+        ray_logger.removeHandler(handler)
+    assert handler.stream is sys.stderr
+    assert "to the log" in (tmp_path / "ray.log").read_text()
