@@ -23,12 +23,13 @@ import os
 import ray
 from ray._private import ray_constants
 
-from .loopback import LOOPBACK, collective_env, free_loopback_port
+from .loopback import LOOPBACK, collective_env, free_loopback_port, is_loopback
 
 
 @contextlib.contextmanager
-def _single_machine_ray(gcs_port: int):
-    """While ray.init starts the node: the node address is loopback, the GCS port is ours.
+def _single_machine_ray(gcs_port: int | None):
+    """While ray.init starts (or joins) the node: the node address is loopback, the GCS
+    port is ours (None: joining one that runs).
 
     Ray picks a loopback node address when clusters are off (ENABLE_RAY_CLUSTER, read from
     its env var at import; the processes ray.init starts read the variable, this process
@@ -38,7 +39,8 @@ def _single_machine_ray(gcs_port: int):
                                                  ray_constants.GCS_PORT_ENVIRONMENT_VARIABLE)}
     saved_flag = ray_constants.ENABLE_RAY_CLUSTER
     os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
-    os.environ[ray_constants.GCS_PORT_ENVIRONMENT_VARIABLE] = str(gcs_port)
+    if gcs_port is not None:
+        os.environ[ray_constants.GCS_PORT_ENVIRONMENT_VARIABLE] = str(gcs_port)
     ray_constants.ENABLE_RAY_CLUSTER = False
     try:
         yield
@@ -64,3 +66,15 @@ def start_local_ray(num_cpus: int, env_vars: dict[str, str] | None = None, **ini
         ray.init(address="local", num_cpus=num_cpus, dashboard_host=LOOPBACK,
                  runtime_env={"env_vars": worker_env}, **init_kwargs)
     return gcs_address
+
+
+def join_ray(address: str, **init_kwargs) -> None:
+    """ray.init(address=...). A loopback address (a Ray that a foldmoe driver or test on this
+    machine started loopback-only) is joined in the same single-machine mode: otherwise Ray
+    replaces 127.0.0.1 by the host's public address, on which that GCS does not listen."""
+    host = address.split("://")[-1].rsplit(":", 1)[0].strip("[]")
+    if is_loopback(host) or host == "localhost":
+        with _single_machine_ray(None):
+            ray.init(address=address, **init_kwargs)
+    else:
+        ray.init(address=address, **init_kwargs)

@@ -22,7 +22,7 @@ import ray
 from engine.config.job import JobSpec
 
 from .config import RunConfig as FoldRunConfig
-from .local_ray import start_local_ray
+from .local_ray import join_ray, start_local_ray
 from .loopback import is_loopback
 from .preflight import ClusterSupply, JobNeeds, host_cores
 from .ray_metrics import RayMetricsExporter
@@ -45,7 +45,7 @@ def connect_or_start_ray(min_cpus: float) -> bool:
         in_job = JOB_CONFIG_ENV in os.environ
         runtime_env = None if in_job else {"py_modules": [os.path.join(REPO_ROOT, p)
                                                           for p in CODE_PACKAGES]}
-        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=runtime_env, log_to_driver=False)
+        join_ray(os.environ["RAY_ADDRESS"], runtime_env=runtime_env, log_to_driver=False)
         return False
     num_cpus = max(os.cpu_count() or 1, math.ceil(min_cpus))
     pythonpath = os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p)

@@ -24,6 +24,16 @@ if "TRITON_INTERPRET" not in os.environ:
         os.environ["TRITON_INTERPRET"] = "1"
 
 
+_GCS_ADDRESS: list[str] = []
+
+
+@pytest.fixture(scope="session")
+def ray_gcs_address(ray_cluster) -> str:
+    """Where the session Ray's GCS listens (127.0.0.1:port): its runtime context reports the
+    host's address, on which the loopback-only GCS does not answer."""
+    return _GCS_ADDRESS[-1]
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     import ray
@@ -33,7 +43,8 @@ def ray_cluster():
     pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
     # 8 logical CPUs: a 4-worker job plus headroom, whatever the machine's core count.
     # The same embedded Ray as the driver's: loopback only, its processes pinned to it.
-    start_local_ray(8, {"PYTHONPATH": pythonpath}, logging_level="WARNING", log_to_driver=True)
+    _GCS_ADDRESS.append(start_local_ray(8, {"PYTHONPATH": pythonpath}, logging_level="WARNING",
+                                        log_to_driver=True))
     try:
         yield ray
     finally:

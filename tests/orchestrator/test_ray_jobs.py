@@ -199,7 +199,7 @@ def test_sigterm_to_a_ray_worker_saves_the_step_in_progress(uninterrupted, tmp_p
           f"{preempted['checkpoint_stall_s']:.2f}s, resumed there")
 
 
-def test_sigterm_to_a_driver_connected_by_ray_address(ray_cluster, tmp_path, data_cache):
+def test_sigterm_to_a_driver_connected_by_ray_address(ray_gcs_address, tmp_path, data_cache):
     """`foldmoe train` with RAY_ADDRESS joins the running cluster (shipping its code as
     py_modules); SIGTERM (what `ray job stop` sends) ends it within 3 s with the MLflow run
     KILLED, and Ray then reaps the controller and workers the driver owned."""
@@ -208,7 +208,7 @@ def test_sigterm_to_a_driver_connected_by_ray_address(ray_cluster, tmp_path, dat
     overrides = job_overrides(tmp_path, data_cache, steps=10_000,
                               extra=["cluster.num_workers=2", "parallel.tp=1", "parallel.ep=2",
                                      "checkpoint.preempt_grace_s=1.5"])
-    address = ray_cluster.get_runtime_context().gcs_address
+    address = ray_gcs_address
     rc, elapsed, worker_pids, output = sigterm_after_first_step(
         ["train", TINY, "--metrics-jsonl", "m.jsonl", *set_args(overrides)], tmp_path,
         cli_env(RAY_ADDRESS=address))
