@@ -11,12 +11,11 @@ Candidates, all on the same fp32 ranges (those of a fine64 step's buckets), CPU,
 """
 from __future__ import annotations
 
-import argparse
 
 import torch
 from torch.optim.adamw import adamw
 
-from benchmarks.common import interleaved_rounds, median, median_ratio, one_thread, print_table, write_json
+from benchmarks.common import interleaved_rounds, median, median_ratio, print_table, rounds_args, write_json
 from engine.optim.adamw import chunked_adamw_
 
 HYPER = dict(lr=1e-4, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
@@ -75,11 +74,7 @@ def candidates() -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=9)
-    parser.add_argument("--json", default=None)
-    args = parser.parse_args()
-    one_thread()
+    args = rounds_args(__doc__)
     max_abs_diff = check_bit_exact()
     times = interleaved_rounds(candidates(), args.rounds)
     ratios = {k: median_ratio(v, times["per_tensor"]) for k, v in times.items()}

@@ -10,12 +10,11 @@ parameter holding the same values. max_norm is set below the norm so both really
 """
 from __future__ import annotations
 
-import argparse
 
 import torch
 
 from benchmarks.common import (init_single_process_group, interleaved_rounds, median, median_ratio,
-                               one_thread, print_table, write_json)
+                               print_table, rounds_args, write_json)
 from benchmarks.step_vs_hf import SHAPES, TRAIN
 from engine.compose import build_trainer
 from engine.config.train import TrainConfig
@@ -33,11 +32,7 @@ def fp64_norm(buckets) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=9)
-    parser.add_argument("--json", default=None)
-    args = parser.parse_args()
-    one_thread()
+    args = rounds_args(__doc__)
     init_single_process_group()
     mesh = FoldedMesh(ParallelConfig(world_size=1))
     trainer = build_trainer(SHAPES["fine64"], TrainConfig(**TRAIN), mesh)

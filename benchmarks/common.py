@@ -7,6 +7,8 @@ cannot move the figure.
 """
 from __future__ import annotations
 
+import argparse
+
 import datetime
 import json
 import os
@@ -28,6 +30,17 @@ def one_thread() -> None:
         torch.set_num_interop_threads(1)
     except RuntimeError:   # may only be set once per process, before inter-op work
         pass
+
+
+def rounds_args(doc: str, rounds: int = 9) -> argparse.Namespace:
+    """`--rounds N --json PATH`, parsed, with torch held to one thread (every benchmark here
+    compares candidates side by side on one core)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    one_thread()
+    return args
 
 
 def free_port() -> int:
