@@ -13,6 +13,7 @@ import datetime
 import json
 import os
 import platform
+import resource
 import socket
 import statistics
 import time
@@ -21,10 +22,15 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from engine.train.host_allocator import retain_freed_host_memory
+
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def one_thread() -> None:
+    """One torch thread, and the host allocator settings of a foldmoe CPU worker
+    (engine/train/host_allocator.py; FOLDMOE_HOST_MALLOC=default measures without them)."""
+    retain_freed_host_memory()
     torch.set_num_threads(1)
     try:
         torch.set_num_interop_threads(1)
@@ -89,7 +95,10 @@ def machine() -> dict:
             # other processes share the cores: the 1/5/15-minute load when the figures were written
             "load_average": list(os.getloadavg()),
             # torch's switch for 2 MB pages on CPU allocations >= 2 MB (read once, at import)
-            "thp_mem_alloc_enable": os.environ.get("THP_MEM_ALLOC_ENABLE")}
+            "thp_mem_alloc_enable": os.environ.get("THP_MEM_ALLOC_ENABLE"),
+            "host_allocator": retain_freed_host_memory(),
+            # the process's peak resident memory so far (Linux reports KiB)
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
 def print_table(title: str, header: list[str], rows: list[list]) -> None:

@@ -10,11 +10,18 @@ random scores, so the splits are uneven), CPU, one thread:
 - dense:          one SwiGLU with a single [h, F] weight set over all N rows: the same FLOPs
                   with the best GEMM shape, the floor for any grouping.
 
-    python -m benchmarks.experts [--rounds 5]
+The dense weights (3 h F values) stay in cache; the grouped ones are E times larger and cross
+memory three times per step (forward and dx read the stacks, dW writes them). `floor` is
+dense time + those bytes / the measured copy bandwidth: the best grouped time when the GEMMs
+run at the dense rate (at few rows per expert the grouped FFN is bound by its weights).
+
+    python -m benchmarks.experts [--rounds 5] [--glibc-default]
 """
 from __future__ import annotations
 
 import argparse
+import os
+import time
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +29,7 @@ import torch.nn.functional as F
 from benchmarks.common import interleaved_rounds, median, median_ratio, one_thread, print_table, write_json
 from engine.moe.assignment import build_assignments
 from engine.moe.experts import GroupedMM, grouped_swiglu
+from engine.train.host_allocator import ENV_SWITCH, retain_freed_host_memory
 
 SHAPES = {"fine64": dict(experts=64, top_k=6, hidden=512, ffn=384),
           "mixtral": dict(experts=8, top_k=2, hidden=512, ffn=1792)}
@@ -83,14 +91,38 @@ def candidates(counts_e, x_nh, weights, dense, grad, with_loop: bool):
     return out
 
 
+def copy_bytes_per_s(repeats: int = 7) -> float:
+    """Bytes read + written per second by a 128 MiB copy into a preallocated buffer."""
+    src = torch.ones(32 << 20)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - start)
+    return 2 * src.nbytes / median(times)
+
+
+def weight_bytes(experts, hidden, ffn) -> int:
+    """fp32 bytes the grouped FFN moves for its weights per step beyond the dense one's: the
+    stacks read in forward and again for dx, the gradient stacks written (and first read)."""
+    return (1 + 1 + 2) * 3 * experts * hidden * ffn * 4
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--glibc-default", action="store_true",
+                        help="leave glibc malloc at its defaults (FOLDMOE_HOST_MALLOC=default), "
+                             "instead of a CPU worker's settings")
     parser.add_argument("--loop-max-rows", type=int, default=2048,
                         help="skip loop_index above this many rows (its backward is O(E^2))")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    if args.glibc_default:
+        os.environ[ENV_SWITCH] = "default"
     one_thread()
+    bandwidth = copy_bytes_per_s()
     rows, results = [], []
     for shape_name, shape in SHAPES.items():
         for tokens in TOKENS[shape_name]:
@@ -103,14 +135,19 @@ def main() -> None:
                       "gflops": {k: flops / median(v) / 1e9 for k, v in times.items()},
                       "ratio_to_dense": {k: median_ratio(v, times["dense"]) for k, v in times.items()},
                       "times_s": times}
+            floor_s = median(times["dense"]) + weight_bytes(**{k: shape[k] for k in ("experts", "hidden", "ffn")}) / bandwidth
+            result["memory_floor_ratio"] = floor_s / median(times["dense"])
             results.append(result)
             r = result["ratio_to_dense"]
             rows.append([shape_name, tokens, n // shape["experts"], result["gflops"]["grouped"],
-                         r["grouped"], r["fused_gate_up"], r["unbind"], r.get("loop_index", "-")])
-    print_table(f"expert FFN fwd+bwd, CPU, 1 thread, median of {args.rounds} rounds; time / dense time",
-                ["shape", "tokens", "rows/expert", "grouped GFLOP/s", "grouped", "fused_gate_up",
+                         r["grouped"], result["memory_floor_ratio"], r["fused_gate_up"], r["unbind"],
+                         r.get("loop_index", "-")])
+    print_table(f"expert FFN fwd+bwd, CPU, 1 thread, median of {args.rounds} rounds; time / dense time "
+                f"(copy {bandwidth / 1e9:.1f} GB/s; {retain_freed_host_memory()})",
+                ["shape", "tokens", "rows/expert", "grouped GFLOP/s", "grouped", "floor", "fused_gate_up",
                  "unbind", "loop_index"], rows)
-    write_json("experts", {"rounds": args.rounds, "results": results}, args.json)
+    write_json("experts", {"rounds": args.rounds, "copy_bytes_per_s": bandwidth, "results": results},
+               args.json)
 
 
 if __name__ == "__main__":

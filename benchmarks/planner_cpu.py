@@ -36,6 +36,7 @@ from engine.planner.cost import CostConstants, Machine, estimate_step
 from engine.planner.devices import DEVICES
 from engine.testing.multiprocess import run_distributed
 from engine.config.train import TrainConfig
+from engine.train.host_allocator import retain_freed_host_memory
 
 MODEL = dict(hidden_size=256, vocab_size=512, num_layers=4, num_heads=8, num_kv_heads=4,
              ffn_hidden_size=512, moe_ffn_hidden_size=256, moe_num_experts=8)
@@ -67,6 +68,7 @@ def _measure(rank: int, world: int, layouts: list, rounds: int) -> dict:
     from engine.parallel.mesh import FoldedMesh
     from engine.compose import build_trainer
 
+    retain_freed_host_memory()      # a CPU training worker's allocator (workers/loop.py)
     cfg = get_preset("tiny-moe", **MODEL)
     trainers = {}
     for name, layout, train in layouts:

@@ -27,6 +27,7 @@ from engine.metrics.memory import peak_memory_bytes
 from engine.models.transformer import count_parameters
 from engine.parallel.mesh import FoldedMesh
 from engine.train.evaluate import Evaluator, eval_due
+from engine.train.host_allocator import retain_freed_host_memory
 from engine.train.state import layout_of
 from engine.train.trainer import Trainer
 from workers.checkpoint_resume import resume_newest_verified
@@ -50,6 +51,7 @@ def worker_device(spec: JobSpec) -> torch.device:
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     torch.set_num_threads(max(1, int(spec.cpus_per_worker)))
+    retain_freed_host_memory()     # big CPU tensors are re-faulted every step otherwise
     return torch.device("cpu")
 
 

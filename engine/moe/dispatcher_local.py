@@ -21,13 +21,35 @@ def permute_tokens(x_th: torch.Tensor, token_n: torch.Tensor) -> torch.Tensor:
     return x_th.index_select(0, token_n)
 
 
+class _Combine(torch.autograd.Function):
+    """Weighted scatter-add in fp32 that keeps y in its own dtype for backward: autograd
+    would keep the fp32 copy y.float() (4 bytes an element where y has 2 in bf16). The
+    backward runs the ops autograd would (index_select, mul, sum), so it is bit-identical."""
+
+    @staticmethod
+    def forward(ctx, y_nh, token_n, prob_n, num_tokens: int):
+        prob_n1 = prob_n.float().unsqueeze(-1)
+        ctx.save_for_backward(y_nh, token_n, prob_n1)
+        ctx.prob_dtype = prob_n.dtype
+        out_th = torch.zeros(num_tokens, y_nh.shape[-1], dtype=torch.float32, device=y_nh.device)
+        return out_th.index_add_(0, token_n, y_nh.float() * prob_n1).to(y_nh.dtype)
+
+    @staticmethod
+    def backward(ctx, d_out_th):
+        y_nh, token_n, prob_n1 = ctx.saved_tensors
+        d_weighted_nh = d_out_th.float().index_select(0, token_n)
+        d_y = (d_weighted_nh * prob_n1).to(y_nh.dtype) if ctx.needs_input_grad[0] else None
+        d_prob = None
+        if ctx.needs_input_grad[2]:
+            d_prob = (d_weighted_nh * y_nh.float()).sum(-1).to(ctx.prob_dtype)
+        return d_y, None, d_prob, None
+
+
 def combine_tokens(y_nh: torch.Tensor, token_n: torch.Tensor, prob_n: torch.Tensor,
                    num_tokens: int) -> torch.Tensor:
     """[N, h] -> [T, h]: sum_k prob * expert output for every token (unpermute).
     Weighted and summed in fp32 so bf16 runs do not round each of the k terms."""
-    weighted_nh = y_nh.float() * prob_n.float().unsqueeze(-1)
-    out_th = weighted_nh.new_zeros(num_tokens, y_nh.shape[-1])
-    return out_th.index_add(0, token_n, weighted_nh).to(y_nh.dtype)
+    return _Combine.apply(y_nh, token_n, prob_n, num_tokens)
 
 
 class LocalDispatcher(nn.Module):

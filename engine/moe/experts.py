@@ -13,6 +13,10 @@ bf16 values). Elsewhere the fallback loops over `w.unbind(0)`, which needs the c
 the host (one read per forward). Never index `w[e]` in a loop: the backward of every
 index allocates a zero gradient of the whole [E, h, F] stack (cost grows as E^2).
 
+Saved for backward: the input rows and the gate and up outputs, 2 [rows, F] tensors where
+autograd would keep 4 (gate, silu(gate), up, their product): GroupedSwiGLUDown recomputes
+the product, which the down GEMM's weight gradient reads, in backward (engine/swiglu.py).
+
 Gate and up stay two GEMMs: fusing them needs one [E, h, 2F] weight, and building it from
 the two parameters copies both stacks every forward and splits the gradient every backward,
 which measured slower than two GEMMs (benchmarks/experts.py; docs/performance.md).
@@ -32,6 +36,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from engine.swiglu import swiglu, swiglu_grads
 
 _PUBLIC_GROUPED_MM = hasattr(F, "grouped_mm")
 
@@ -91,11 +97,38 @@ class GroupedMM(torch.autograd.Function):
         return dx_nh, dw_ehf, None, None
 
 
+class GroupedSwiGLUDown(torch.autograd.Function):
+    """y = (silu(gate) * up)_g @ w_down[g], keeping gate and up only: backward recomputes
+    the product for dw_down and takes torch's own kernels for the rest (bit-identical to
+    autograd's gradients). Tail rows of gate and up are zero, so the product's are too."""
+
+    @staticmethod
+    def forward(ctx, gate_nf, up_nf, w_down_efh, offs_e, has_tail: bool):
+        ctx.save_for_backward(gate_nf, up_nf, w_down_efh, offs_e)
+        ctx.has_tail = has_tail
+        y_nh = _grouped_mm(F.silu(gate_nf) * up_nf, w_down_efh, offs_e)
+        return _zero_tail_(y_nh, offs_e) if has_tail else y_nh
+
+    @staticmethod
+    def backward(ctx, dy_nh):
+        gate_nf, up_nf, w_down_efh, offs_e = ctx.saved_tensors
+        if dy_nh.numel() == 0:
+            return torch.zeros_like(gate_nf), torch.zeros_like(up_nf), torch.zeros_like(w_down_efh), None, None
+        dy_nh = dy_nh.contiguous()
+        silu_nf = F.silu(gate_nf)
+        dw_efh = _grouped_mm((silu_nf * up_nf).t(), dy_nh, offs_e)
+        d_act_nf = _grouped_mm(dy_nh, w_down_efh.transpose(-2, -1), offs_e)
+        if ctx.has_tail:
+            _zero_tail_(d_act_nf, offs_e)
+        d_gate_nf, d_up_nf = swiglu_grads(gate_nf, up_nf, d_act_nf, silu_nf)
+        return d_gate_nf, d_up_nf, dw_efh, None, None
+
+
 def _swiglu_grouped(x_nh, counts_e, w_gate_ehf, w_up_ehf, w_down_efh, has_tail):
     offs_e = torch.cumsum(counts_e, 0, dtype=torch.int32)
     gate_nf = GroupedMM.apply(x_nh, w_gate_ehf, offs_e, has_tail)
     up_nf = GroupedMM.apply(x_nh, w_up_ehf, offs_e, has_tail)
-    return GroupedMM.apply(F.silu(gate_nf) * up_nf, w_down_efh, offs_e, has_tail)
+    return GroupedSwiGLUDown.apply(gate_nf, up_nf, w_down_efh, offs_e, has_tail)
 
 
 def _swiglu_unbind(x_nh, counts_e, w_gate_ehf, w_up_ehf, w_down_efh):
@@ -103,7 +136,7 @@ def _swiglu_unbind(x_nh, counts_e, w_gate_ehf, w_up_ehf, w_down_efh):
     sizes = counts_e.tolist()                  # the one host read of this path
     tail = x_nh.shape[0] - sum(sizes)
     chunks = torch.split(x_nh, sizes + [tail], dim=0)
-    outputs = [(F.silu(x_ch @ w_g) * (x_ch @ w_u)) @ w_d for x_ch, w_g, w_u, w_d in
+    outputs = [swiglu(x_ch @ w_g, x_ch @ w_u) @ w_d for x_ch, w_g, w_u, w_d in
                zip(chunks, w_gate_ehf.unbind(0), w_up_ehf.unbind(0), w_down_efh.unbind(0))]
     outputs.append(x_nh.new_zeros(tail, w_down_efh.shape[-1]))
     return torch.cat(outputs, dim=0)

@@ -8,9 +8,12 @@ residual); e = 2 (bf16) or 4 (fp32) bytes per activation element; q/kv heads per
 - RMSNorm (fp32 statistics, engine/models/layers.py): the fp32 input, x·rsqrt, rsqrt.
 - attention: the (gathered) norm output read by wq/wk/wv, RoPE cos/sin (fp32), the core's
   (q, k, v, out) and its fp32 log-sum-exp (engine/attention/core.py; CP cores the same).
-- SwiGLU: its input, gate output, silu(gate), up output, their product (4 x [t, F/tp]).
+- SwiGLU: its input, gate and up outputs, their product (3 x [t, F/tp]; engine/swiglu.py
+  recomputes silu(gate) in backward).
 - MoE: the router's fp32 input and softmax / top-k / z-loss tensors; the assignment
-  indices; the expert inputs and 4 x [rows, F/etp] inside the experts; the fp32 combine.
+  indices; the expert inputs and their gate and up outputs (2 x [rows, F/etp]: the grouped
+  experts recompute the product in backward, engine/moe/experts.py); the combine's expert
+  outputs in the model dtype and fp32 weights (engine/moe/dispatcher_local.py).
 Recompute: `selective` re-runs only the core attention (keeps q, k, v, out, not lse);
 `full` keeps the block input (and positions) per layer; `remat_aware` (LightSeq) keeps
 the block input and the core's (q, k, v, out, lse); both re-materialise one layer at a time
@@ -73,7 +76,7 @@ def attention_bytes(cfg: ModelConfig, mb: MicroBatchShape, recompute: str) -> in
 
 def swiglu_bytes(mb: MicroBatchShape, hidden: int, ffn_local: int, *, with_input: bool = True) -> int:
     e, t = mb.act_bytes, mb.tokens
-    return (e * t * hidden if with_input else 0) + 4 * e * t * ffn_local
+    return (e * t * hidden if with_input else 0) + 3 * e * t * ffn_local
 
 
 def router_bytes(cfg: ModelConfig, mb: MicroBatchShape) -> int:
@@ -88,8 +91,8 @@ def routed_bytes(cfg: ModelConfig, mb: MicroBatchShape, rows: DispatchRows, etp:
     h, e = cfg.hidden_size, mb.act_bytes
     f_local = cfg.moe.ffn_hidden_size // etp
     indices = 2 * INDEX_BYTES * rows.assigned + 2 * INDEX_BYTES * rows.at_experts
-    experts = e * rows.at_experts * h + 4 * e * rows.at_experts * f_local
-    combine = 2 * FP32 * rows.assigned * h + FP32 * rows.assigned
+    experts = e * rows.at_experts * h + 2 * e * rows.at_experts * f_local
+    combine = e * rows.assigned * h + FP32 * rows.assigned     # y in its dtype, fp32 weights
     return indices + experts + combine
 
 

@@ -20,6 +20,8 @@ import traceback
 from datetime import timedelta
 from typing import Any, Callable
 
+from engine.train.host_allocator import retain_freed_host_memory
+
 
 class CalibrationUnavailable(RuntimeError):
     """The requested device is not on this machine (e.g. `--calibrate --gpu h100` on a CPU host)."""
@@ -62,6 +64,7 @@ def _rank_main(rank: int, world: int, port: int, device: str, fn: Callable, args
         kwargs["device_id"] = torch.device("cuda", rank)
     else:
         torch.set_num_threads(1)
+        retain_freed_host_memory()        # as a CPU training worker runs (workers/loop.py)
     path = os.path.join(result_dir, f"rank{rank}.pt")
     try:
         dist.init_process_group(backend_for(device), rank=rank, world_size=world,

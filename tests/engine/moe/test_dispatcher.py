@@ -1,9 +1,11 @@
 """Permutation round trips of the dispatchers' building blocks (no communication)."""
+import pytest
 import torch
 
 from engine.moe.assignment import build_assignments
 from engine.moe.dispatcher_alltoall import inverse_permutation, sort_by_local_expert
 from engine.moe.dispatcher_local import LocalDispatcher, combine_tokens, permute_tokens
+from engine.testing.saved import saved_tensors
 
 
 class _Identity:
@@ -48,3 +50,25 @@ def test_dropped_tail_contributes_nothing():
     x = torch.randn(3, 4)
     y = LocalDispatcher()(x, a, _Identity())
     torch.testing.assert_close(y, torch.cat([x[:2], torch.zeros(1, 4)]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_combine_keeps_expert_rows_in_their_dtype_with_autograds_gradients(dtype):
+    """The weighted sum runs in fp32 but backward keeps y as it came (2 bytes an element in
+    bf16, not an fp32 copy); outputs and gradients equal autograd's fp32 composition bit for bit."""
+    gen = torch.Generator().manual_seed(0)
+    tokens, k, hidden = 13, 3, 8
+    token_n = torch.arange(tokens).repeat_interleave(k)[torch.randperm(tokens * k, generator=gen)]
+    y = torch.randn(tokens * k, hidden, generator=gen).to(dtype).requires_grad_(True)
+    prob = torch.rand(tokens * k, generator=gen).requires_grad_(True)
+    grad_out = torch.randn(tokens, hidden, generator=gen).to(dtype)
+
+    def composed():
+        weighted = y.float() * prob.float().unsqueeze(-1)
+        return weighted.new_zeros(tokens, hidden).index_add(0, token_n, weighted).to(dtype)
+    out, kept = saved_tensors(lambda: combine_tokens(y, token_n, prob, tokens))
+    assert [t.dtype for t in kept.values() if t.shape == y.shape] == [dtype]
+    want_out = composed()
+    got = torch.autograd.grad(out, (y, prob), grad_out)
+    want = torch.autograd.grad(want_out, (y, prob), grad_out)
+    assert torch.equal(out, want_out) and all(torch.equal(a, b) for a, b in zip(got, want))

@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.moe.experts import GroupedExperts, grouped_gemm_supported, grouped_swiglu
+from engine.moe.experts import GroupedExperts, GroupedMM, grouped_gemm_supported, grouped_swiglu
+from engine.testing.saved import saved_tensors
 
 REL = 1e-6
 
@@ -100,3 +101,27 @@ def test_bf16_on_cpu_uses_the_grouped_kernel_within_bf16_rounding():
 def test_wrong_number_of_counts_is_a_clear_error():
     with pytest.raises(ValueError, match="counts for 2 experts, weights for 3"):
         GroupedExperts(3, 16, 8)(torch.randn(4, 16), torch.tensor([2, 2]))
+
+
+def test_grouped_experts_keep_two_ffn_tensors_and_autograds_gradients():
+    """Saved for backward: x, gate and up outputs (the product is recomputed); the result
+    is bit-identical to composing the GEMMs with autograd's silu and mul."""
+    gen = torch.Generator().manual_seed(3)
+    counts = torch.tensor([5, 0, 9, 3])
+    x = torch.randn(21, 16, generator=gen).requires_grad_(True)
+    weights = [w.requires_grad_(True) for w in _weights(4, 16, 8, gen)]
+    offs = torch.cumsum(counts, 0, dtype=torch.int32)
+
+    def composed():
+        gate = GroupedMM.apply(x, weights[0], offs, True)
+        up = GroupedMM.apply(x, weights[1], offs, True)
+        return GroupedMM.apply(F.silu(gate) * up, weights[2], offs, True)
+    results = []
+    for fn in (lambda: grouped_swiglu(x, counts, *weights, has_tail=True), composed):
+        y, kept = saved_tensors(fn)
+        ffn_rows = [t for t in kept.values() if t.shape == (21, 8)]
+        grad_out = torch.randn(21, 16, generator=torch.Generator().manual_seed(4))
+        results.append([y.detach(), *torch.autograd.grad(y, [x, *weights], grad_out)])
+        results[-1].append(len(ffn_rows))
+    assert results[0][-1] == 2 and results[1][-1] == 4
+    assert all(torch.equal(a, b) for a, b in zip(results[0][:-1], results[1][:-1]))

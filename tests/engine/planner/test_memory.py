@@ -116,9 +116,9 @@ def test_layer_bytes_hand_counted():
     rows = DispatchRows(0, 0)
     norm = 4 * (2 * 8 * 8 + 8)              # fp32 input, x*rsqrt, rsqrt
     attention = norm + 4 * 8 * 8 + 4 * 8 * 4 + 4 * 8 * 4 * (2 * 2 + 2 * 1) + 4 * 2 * 8
-    ffn = norm + 4 * 8 * 8 + 4 * 4 * 8 * 16
-    assert layer_bytes(cfg, 0, mb, rows, 1, "none") == attention + ffn == 4608
-    assert layer_bytes(cfg, 0, mb, rows, 1, "selective") == 4608 - 4 * 2 * 8   # no lse
+    ffn = norm + 4 * 8 * 8 + 3 * 4 * 8 * 16     # input; gate, up, product (silu recomputed)
+    assert layer_bytes(cfg, 0, mb, rows, 1, "none") == attention + ffn == 4096
+    assert layer_bytes(cfg, 0, mb, rows, 1, "selective") == 4096 - 4 * 2 * 8   # no lse
     assert layer_bytes(cfg, 0, mb, rows, 1, "full") == 4 * 8 * 8 + 8 * 8        # input + positions
 
 

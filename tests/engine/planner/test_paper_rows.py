@@ -43,24 +43,17 @@ def test_best_predicted_mfu_is_the_papers_within_5_points(preset, world, paper_m
     assert abs(rows[0].mfu - paper_mfu) <= 0.05, rows[0].as_dict()
 
 
-def test_mixtral_paper_degrees_lead_when_cp_is_free():
-    # TP2 PP8 EP8 ETP1 with CP (part of the paper's DP8) left to the planner
-    rank, row = _first(_rows(*MIXTRAL[:2]), {**MIXTRAL[3]})
-    assert rank < 3 and row.parallel.cp > 1, (rank, row.as_dict())
-    assert abs(row.mfu - MIXTRAL[2]) <= 0.05, row.mfu
-
-
-def test_mixtral_paper_layout_needs_recompute_in_foldmoe():
-    # TP2 CP1 PP8 EP8 (DP8): foldmoe's MoE activations (4 [rows, F] tensors and an fp32
-    # combine per layer, 8 micro-batches in flight on stage 0) exceed 80 GB without recompute.
+def test_mixtral_paper_layout_fits_without_recompute():
+    # TP2 CP1 PP8 EP8 (DP8): stage 0 keeps 8 micro-batches of 7 layers. It fits 80 GB since
+    # the experts keep 2 [rows, F] tensors instead of 4 and the combine keeps its rows in bf16
+    # (93.3 GB before; docs/planner.md).
     cfg = get_preset("mixtral-8x22b", moe_capacity_factor=1.0)
     p = ParallelConfig(world_size=128, tp=2, pp=8, ep=8)
-    assert estimate_memory(cfg, p, PAPER_TRAIN, worst_case=False).peak.total > DEVICES["h100"].memory_bytes
+    assert estimate_memory(cfg, p, PAPER_TRAIN, worst_case=False).peak.total < DEVICES["h100"].memory_bytes
     rank, row = _first(_rows(*MIXTRAL[:2]), {**MIXTRAL[3], "cp": 1})
-    assert row.recompute != "none"
+    assert row.recompute == "none", row.as_dict()
 
 
-@pytest.mark.xfail(strict=True, reason="foldmoe's engine: CP1 needs recompute (docs/planner.md)")
 def test_mixtral_paper_layout_with_cp1_in_the_top_3():
     rank, row = _first(_rows(*MIXTRAL[:2]), {**MIXTRAL[3], "cp": 1})
     assert rank < 3 and abs(row.mfu - MIXTRAL[2]) <= 0.05, (rank, row.as_dict())
