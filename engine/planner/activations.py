@@ -96,6 +96,20 @@ def routed_bytes(cfg: ModelConfig, mb: MicroBatchShape, rows: DispatchRows, etp:
     return indices + experts + combine
 
 
+def unkept_bytes(cfg: ModelConfig, layer_id: int, mb: MicroBatchShape, rows: DispatchRows, etp: int) -> int:
+    """Activations a layer's forward writes but does not keep (recomputed in backward, or
+    temporaries): silu(gate) in every SwiGLU and the experts' product, the combine's fp32
+    copy of the expert rows and their weighted sum. The elementwise ops touch them all the
+    same (the cost model's elementwise term counts them with the kept bytes)."""
+    e, t, moe = mb.act_bytes, mb.tokens, cfg.moe
+    if not cfg.is_moe_layer(layer_id):
+        return e * t * (cfg.ffn_hidden_size // mb.tp)
+    out = 2 * e * rows.at_experts * (moe.ffn_hidden_size // etp) + (2 * FP32 - e) * rows.assigned * cfg.hidden_size
+    if moe.num_shared_experts:
+        out += e * t * (moe.num_shared_experts * moe.shared_ffn_hidden_size // mb.tp)
+    return out
+
+
 def ffn_bytes(cfg: ModelConfig, layer_id: int, mb: MicroBatchShape, rows: DispatchRows, etp: int) -> int:
     h, moe = cfg.hidden_size, cfg.moe
     if not cfg.is_moe_layer(layer_id):

@@ -9,8 +9,8 @@ Measured, per worker (one thread per CPU worker, as `cluster.cpus_per_worker: 1`
 - memory bandwidth: bytes read + written by a large tensor copy;
 - operator overhead: seconds per small aten op under autograd (forward and backward ops
   of a chain of tiny multiplications), what dominates a small model's step on a CPU;
-- optimizer: seconds per element of the fp64 grad norm + torch's functional AdamW on a flat
-  fp32 range, as the engine's optimizer step runs them;
+- optimizer: seconds per element of the grad norm's fp32 partials, the clip scale and the
+  chunked AdamW on a flat fp32 range, as the engine's optimizer step runs them;
 - collectives: all-to-all and all-reduce on every worker of the machine (gloo on CPU,
   NCCL on GPU: engine/planner/calibrate_ranks.py) at a small and a large size, fitted to
   latency + bytes / bandwidth (bytes a rank sends);
@@ -95,19 +95,22 @@ def measure_compute(device: str = "cpu", repeats: int = 15) -> dict:
 
 
 def _optimizer_rate(dev, repeats: int, sync) -> float:
-    """Seconds per element of the engine's optimizer step on this device: fp64 grad norm and
-    torch's functional AdamW on flat fp32 ranges (engine/optim/optimizer.py, clip.py)."""
+    """Seconds per element of the engine's optimizer step on this device: the grad norm's
+    fp32 partial sums, the clip scale and the chunked AdamW on flat fp32 ranges, as
+    FoldedOptimizer runs them (engine/optim/clip.py, adamw.py)."""
     import torch
-    from torch.optim.adamw import adamw
+
+    from engine.optim.adamw import chunked_adamw_
+    from engine.optim.clip import chunk_norms
 
     n = 1 << 23                      # 4 x 32 MiB: out of the caches, as a model's buffers are
     param, grad, m, v = (torch.rand(n, device=dev) for _ in range(4))
-    steps = [torch.tensor(1.0)]
 
     def update():
-        torch.linalg.vector_norm(grad, dtype=torch.float64)
-        adamw([param], [grad], [m], [v], [], steps, foreach=None, amsgrad=False, beta1=0.9,
-              beta2=0.95, lr=1e-4, weight_decay=0.1, eps=1e-8, maximize=False)
+        chunk_norms(grad).double().square().sum()
+        grad.mul_(1.0)
+        chunked_adamw_([param], [grad], [m], [v], step=1, lr=1e-4, beta1=0.9, beta2=0.95,
+                       eps=1e-8, weight_decay=0.1)
     return _median_time(update, max(3, repeats // 3), sync) / n
 
 

@@ -7,8 +7,8 @@ Per micro-batch and layer on one rank (t = b·s/cp tokens, t_sp = t/tp, heads pe
   its weights, which is what slows fine-grained experts down;
 - the attention core: 2·b·(s/cp)·s·n_q·d forward FLOPs (causal, zigzag-balanced), three
   times for forward + backward, at peak·attention_eff;
-- elementwise work: `elementwise_passes` HBM passes over the bytes the layer saves
-  (engine/planner/activations.py); plus `op_overhead_s` per operator (counted once
+- elementwise work: `elementwise_passes` HBM passes over the activation bytes the layer
+  writes, kept for backward or not (engine/planner/activations.py); plus `op_overhead_s` per operator (counted once
   with a dispatch mode on the engine's layers: OPS);
 - recompute re-runs the forward of what it drops (full: the layer; selective: the core;
   remat-aware: all but the core), with its collectives.
@@ -28,7 +28,7 @@ from engine.config.model import ModelConfig
 from engine.parallel.config import ParallelConfig
 from engine.config.train import TrainConfig
 
-from .activations import MicroBatchShape, layer_bytes
+from .activations import MicroBatchShape, layer_bytes, unkept_bytes
 from .comm_model import (Link, a2a_bytes, allgather_dispatch_bytes, cp_ring_bytes, dp_bytes,
                          tp_collective_bytes)
 from .devices import Device
@@ -138,8 +138,9 @@ def _layer(cfg: ModelConfig, is_moe: bool, p: ParallelConfig, train: TrainConfig
     else:
         ffn = _swiglu(t, h, cfg.ffn_hidden_size // p.tp, e, mach)
         ops = OPS["dense_layer"]
-    saved = layer_bytes(cfg, kind_layer_id(cfg, is_moe), mb, rows, p.etp, "none")
-    elementwise = c.elementwise_passes * saved / mach.memory_rate / 3   # forward share
+    layer_id = kind_layer_id(cfg, is_moe)
+    touched = layer_bytes(cfg, layer_id, mb, rows, p.etp, "none") + unkept_bytes(cfg, layer_id, mb, rows, p.etp)
+    elementwise = c.elementwise_passes * touched / mach.memory_rate / 3   # forward share
     forward = proj + core + ffn + elementwise
     redo = {"none": 0.0, "selective": core, "full": forward, "remat_aware": forward - core}[train.recompute]
     redo_share = redo / forward

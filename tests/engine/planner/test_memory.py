@@ -10,7 +10,7 @@ from engine.config.model import get_preset
 from engine.models.transformer import count_parameters
 from engine.parallel.config import ParallelConfig
 from engine.pipeline.schedules import build_schedule
-from engine.planner.activations import DispatchRows, MicroBatchShape, layer_bytes
+from engine.planner.activations import DispatchRows, MicroBatchShape, layer_bytes, unkept_bytes
 from engine.planner.memory import dispatch_rows, estimate_memory, optimizer_step_bytes, _state_bytes
 from engine.planner.schedule_memory import in_flight_per_chunk
 from engine.planner.shards import ParamCount, chunk_layers, stage_params
@@ -120,6 +120,22 @@ def test_layer_bytes_hand_counted():
     assert layer_bytes(cfg, 0, mb, rows, 1, "none") == attention + ffn == 4096
     assert layer_bytes(cfg, 0, mb, rows, 1, "selective") == 4096 - 4 * 2 * 8   # no lse
     assert layer_bytes(cfg, 0, mb, rows, 1, "full") == 4 * 8 * 8 + 8 * 8        # input + positions
+
+
+def test_unkept_bytes_are_what_backward_recomputes_or_drops():
+    # The cost model's elementwise traffic: silu(gate) of a dense SwiGLU; for a MoE layer
+    # silu(gate) and the product in the experts, the combine's fp32 rows and weighted sum,
+    # and a shared expert's silu(gate).
+    cfg = get_preset("tiny-moe", hidden_size=8, ffn_hidden_size=16, moe_ffn_hidden_size=4,
+                     moe_num_experts=4, first_k_dense=1, moe_num_shared_experts=0)
+    mb = MicroBatchShape(batch=1, seq_local=8, tp=1, act_bytes=2)
+    rows = DispatchRows(assigned=16, at_experts=16)
+    assert unkept_bytes(cfg, 0, mb, rows, 1) == 2 * 8 * 16
+    assert unkept_bytes(cfg, 1, mb, rows, 1) == 2 * 2 * 16 * 4 + (8 - 2) * 16 * 8
+    shared = get_preset("tiny-moe", hidden_size=8, ffn_hidden_size=16, moe_ffn_hidden_size=4,
+                        moe_num_experts=4, first_k_dense=1, moe_num_shared_experts=1,
+                        moe_shared_ffn_hidden_size=12)
+    assert unkept_bytes(shared, 1, mb, rows, 1) == unkept_bytes(cfg, 1, mb, rows, 1) + 2 * 8 * 12
 
 
 def test_dispatch_rows_dropless_and_capacity():
