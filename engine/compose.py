@@ -1,5 +1,6 @@
 """The composition layer: builds this rank's model chunks, applies every parallel plan,
-and assembles the Trainer. It sits on top of the engine (it imports models, moe, the
+and assembles the Trainer (build_trainer) or, for forward-only work, the optimizer-free
+ModelShards (build_model). It sits on top of the engine (it imports models, moe, the
 parallel dimensions and train); nothing in the engine imports it.
 
 Shard-size build: each chunk is constructed on the meta device (no storage), every plan is
@@ -33,6 +34,7 @@ from engine.parallel.mesh import FoldedMesh
 from engine.parallel.param_attrs import copy_attrs, reduce_axes, set_reduce_axes, slices
 from engine.pipeline.split import split_layers
 from engine.tensor_parallel.plan import parallelize_tp
+from engine.train.model_shards import ModelShards
 from engine.train.trainer import Trainer
 
 
@@ -116,12 +118,11 @@ def materialize_(chunk: nn.Module, full_shapes: dict[str, tuple[int, ...]], cfg:
                 module._buffers[key] = fill_shard_(local, name, buffer.shape, (), cfg, seed)
 
 
-def build_trainer(model_cfg: ModelConfig, train_cfg: TrainConfig, mesh: FoldedMesh, *,
-                  dispatcher: str = "alltoall", attention_backend: str = "auto",
-                  device: torch.device | None = None, trainer_cls: type[Trainer] = Trainer,
-                  weights=None) -> Trainer:
-    """Validates the model against the mesh's layout, builds this rank's chunks on `device`
-    and returns the Trainer that steps them. `trainer_cls` lets a harness pass a subclass;
+def build_model(model_cfg: ModelConfig, train_cfg: TrainConfig, mesh: FoldedMesh, *,
+                dispatcher: str = "alltoall", attention_backend: str = "auto",
+                device: torch.device | None = None, weights=None) -> ModelShards:
+    """Validates the model against the mesh's layout and builds this rank's chunks on
+    `device`, without an optimizer (forward-only work: engine/train/model_shards.py);
     `weights` is a pretrained source for materialize_ (None: counter-based init)."""
     mesh.config.validate_for_model(
         num_heads=model_cfg.num_heads, num_kv_heads=model_cfg.num_kv_heads,
@@ -134,5 +135,16 @@ def build_trainer(model_cfg: ModelConfig, train_cfg: TrainConfig, mesh: FoldedMe
                           attention_backend=attention_backend, precision=train_cfg.precision,
                           recompute=train_cfg.recompute, seq_len=train_cfg.seq_len, device=device,
                           weights=weights)
-    return trainer_cls(model_cfg, train_cfg, mesh, chunks, device=device,
-                       build_peak_bytes=peak_memory_bytes(device))
+    return ModelShards(model_cfg, train_cfg, mesh, chunks, device, peak_memory_bytes(device))
+
+
+def build_trainer(model_cfg: ModelConfig, train_cfg: TrainConfig, mesh: FoldedMesh, *,
+                  dispatcher: str = "alltoall", attention_backend: str = "auto",
+                  device: torch.device | None = None, trainer_cls: type[Trainer] = Trainer,
+                  weights=None) -> Trainer:
+    """build_model, then the Trainer that steps its chunks. `trainer_cls` lets a harness
+    pass a subclass."""
+    model = build_model(model_cfg, train_cfg, mesh, dispatcher=dispatcher,
+                        attention_backend=attention_backend, device=device, weights=weights)
+    return trainer_cls(model_cfg, train_cfg, mesh, model.chunks, device=model.device,
+                       build_peak_bytes=model.build_peak_bytes)

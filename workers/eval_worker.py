@@ -1,7 +1,8 @@
 """The per-worker part of `foldmoe eval` (JobSpec.task == "eval"), under any launcher.
 
-Builds the trainer exactly as a training worker does (same mesh, layout and shard-size
-build), takes the weights from the newest checkpoint in checkpoint.dir when there is one
+Builds the model chunks exactly as a training worker does (same mesh, layout and shard-size
+build) but no optimizer (engine/train/model_shards.py: the weights alone, in the model
+dtype, so fewer GPUs than training needed can evaluate a checkpoint), takes the weights from the newest checkpoint in checkpoint.dir when there is one
 (resharded on load from any layout), else from model.init_from, and runs the forward-only
 loss of engine.train.evaluate over the token rows file or the held-out split. Rank 0
 appends one "eval" event to the job's event file (how launched workers answer the driver).
@@ -14,12 +15,12 @@ from datetime import timedelta
 import torch.distributed as dist
 
 from engine.checkpoint.manager import latest_checkpoint
-from engine.compose import build_trainer
+from engine.compose import build_model
 from engine.config.job import JobSpec
 from engine.data.eval_data import held_out_batches, pack_rows, read_token_rows
 from engine.parallel.mesh import FoldedMesh
 from engine.train.evaluate import Evaluator
-from engine.train.state import load_resharded
+from engine.train.state import load_model_resharded
 from workers.events import EventWriter
 from workers.loop import pretrained_weights, worker_device
 
@@ -39,16 +40,16 @@ def run_eval(spec: JobSpec) -> dict:
     device = worker_device(spec)
     mesh = FoldedMesh(spec.parallel_config(world), timeout=timedelta(seconds=spec.collective_timeout_s))
     checkpoint = latest_checkpoint(spec.checkpoint_dir)
-    trainer = build_trainer(spec.model, spec.train, mesh, dispatcher=spec.dispatcher,
-                            attention_backend=spec.attention_backend, device=device,
-                            weights=pretrained_weights(spec))
+    model = build_model(spec.model, spec.train, mesh, dispatcher=spec.dispatcher,
+                        attention_backend=spec.attention_backend, device=device,
+                        weights=pretrained_weights(spec))
     if checkpoint is not None:
-        load_resharded(trainer, checkpoint)
-    total, tokens = Evaluator(trainer).loss_sum(eval_batches(spec))
+        load_model_resharded(model, checkpoint)
+    total, tokens = Evaluator(model).loss_sum(eval_batches(spec))
     loss = total / tokens
     result = {"loss": loss, "tokens": tokens,
               "perplexity": math.exp(loss) if loss < 700 else math.inf,
-              "weights": checkpoint or spec.init_from, "step": trainer.completed_steps}
+              "weights": checkpoint or spec.init_from, "step": model.completed_steps}
     if rank == 0 and spec.events_path:
         EventWriter(spec.events_path).write("eval", **result)
     return result

@@ -1,10 +1,11 @@
-"""Forward-only token loss of a Trainer's model chunks, in the trainer's own layout.
+"""Forward-only token loss of a rank's model chunks (a Trainer's, or the optimizer-free
+ModelShards of `foldmoe eval`, engine/train/model_shards.py), in their own layout.
 
 Each evaluation batch is a global batch [B, s+1] like a training step's (B =
 train.global_batch_size) with a target weight per token (engine/data/eval_data.py). It is
-split into this rank's micro-batches by the trainer's own `split_microbatches` (the
+split into this rank's micro-batches by the training step's `split_microbatches` (the
 weights with the same rows and zigzag positions), and run through the same chunks: one
-forward per micro-batch at pp = 1, and at pp > 1 the trainer's pipeline schedule with every
+forward per micro-batch at pp = 1, and at pp > 1 the training pipeline schedule with every
 backward action and exchange removed (`forward_program`; its pairing and freedom from
 deadlock are checked by engine.pipeline.verify like the training schedules). No parallelism
 lives here: TP/SP, CP, EP/ETP and PP are the chunks' and the executor's.
@@ -51,20 +52,21 @@ def eval_due(train, completed_steps: int) -> bool:
 
 
 class Evaluator:
-    """Mean token loss of `trainer`'s chunks over EvalBatches (see the module docstring)."""
+    """Mean token loss of `model`'s chunks over EvalBatches (see the module docstring);
+    `model`: a Trainer or a ModelShards."""
 
-    def __init__(self, trainer):
-        self.trainer = trainer
+    def __init__(self, model):
+        self.model = model
         self._executor: PipelineExecutor | None = None
 
     def _weighted_ce(self, logits: torch.Tensor, microbatch: dict) -> torch.Tensor:
-        per_token = tp_loss(logits, microbatch["labels"], self.trainer.mesh,
-                            comm=self.trainer.chunks[-1].tp_comm)
+        per_token = tp_loss(logits, microbatch["labels"], self.model.mesh,
+                            comm=self.model.chunks[-1].tp_comm)
         return (per_token.double() * microbatch["weights"]).sum()
 
     def _pipeline(self) -> PipelineExecutor:
         if self._executor is None:
-            t = self.trainer
+            t = self.model
             cfg = t.mesh.config
             program = forward_program(t.train_cfg.pipeline_schedule, cfg.pp, t.num_microbatches,
                                       cfg.vpp, t.mesh.pp_rank)
@@ -74,7 +76,7 @@ class Evaluator:
         return self._executor
 
     def _local_sum(self, batch: EvalBatch) -> torch.Tensor:
-        t = self.trainer
+        t = self.model
         split = (t.mesh, t.train_cfg.micro_batch_size, t.num_microbatches, t.device)
         inputs = split_microbatches(batch.tokens, *split)
         weights = split_microbatches(batch.weights, *split)
@@ -91,7 +93,7 @@ class Evaluator:
     @torch.no_grad()
     def loss_sum(self, batches: Iterable[EvalBatch]) -> tuple[float, int]:
         """(sum of per-token CE over every counted target, number of targets), global."""
-        t, mesh = self.trainer, self.trainer.mesh
+        t, mesh = self.model, self.model.mesh
         for chunk in t.chunks:
             chunk.eval()
         try:

@@ -40,14 +40,20 @@ def _shard_info(name: str, tensor: torch.Tensor, param) -> dict:
             "expert": is_expert(param)}
 
 
-def checkpoint_state(trainer) -> dict:
+def model_state(chunks) -> tuple[dict, dict]:
+    """({"model/<name>": tensor}, {"model/<name>": shard info}) of the chunks' params and buffers."""
     tensors, shards = {}, {}
-    for chunk in trainer.chunks:
+    for chunk in chunks:
         params = dict(chunk.named_parameters())
         for name, tensor in chunk.state_dict().items():
             key = f"model/{name}"
             tensors[key] = tensor.detach()   # on its device: the saver copies to host (pinned)
             shards[key] = _shard_info(name, tensor, params.get(name))
+    return tensors, shards
+
+
+def checkpoint_state(trainer) -> dict:
+    tensors, shards = model_state(trainer.chunks)
     optim = trainer.optimizer.state_dict()
     optim_scalars = {}
     for name, value in optim.items():
@@ -90,19 +96,13 @@ def load_resharded(trainer, path: str) -> dict:
     """Loads the checkpoint at `path`, written by any layout of the same model, into this
     rank's params, buffers, optimizer state (master weights, both Adam moments, the AdamW
     step), RNG state and step. Returns {"step", "files_read", "saved_world_size"}."""
-    reader = ReshardReader(path, trainer.mesh.rank)
+    reader = _reader_for(trainer, path)
     meta = reader.rank_meta[0]
-    differences = shape_differences(meta.get("model") or {}, trainer.model_cfg)
-    if differences:
-        raise CheckpointError(f"{path} holds another model: {differences} (saved, current)")
     if not any(key.startswith("optim/") for key in reader.shards):
         return _load_unsharded_format(trainer, reader)
     params = dict(trainer.named_params)
     with torch.no_grad():
-        for chunk in trainer.chunks:
-            for name, tensor in chunk.state_dict(keep_vars=True).items():
-                param = params.get(name)
-                _fill_model_tensor(reader, name, tensor.data, param)
+        _fill_model(reader, trainer.chunks, params)
         for bucket in trainer.optimizer.buckets:
             for name, (lo, hi, _), views in owned_views(bucket):
                 param = params[name]
@@ -117,8 +117,39 @@ def load_resharded(trainer, path: str) -> dict:
         # random streams do not correspond anyway (the tiny presets draw none in training).
         restore_rng_state({CPU_KEY: reader.read_rank_tensor(trainer.mesh.rank, CPU_KEY)})
     trainer.completed_steps = int(reader.manifest["step"])
-    return {"step": trainer.completed_steps, "files_read": sorted(reader.files_read),
+    return _load_info(trainer, reader)
+
+
+def load_model_resharded(model, path: str) -> dict:
+    """Loads only the params and buffers of the checkpoint at `path` (any layout of the same
+    model, either format) into `model` (engine.train.model_shards.ModelShards, or a
+    Trainer whose optimizer state is to stay as it is), and its step. The Adam moments
+    are never read, the fp32 master weights only where load_resharded would take a param
+    from them (fp32 params from a bf16 checkpoint). Returns load_resharded's dict."""
+    reader = _reader_for(model, path)
+    with torch.no_grad():
+        _fill_model(reader, model.chunks, dict(model.named_params))
+    model.completed_steps = int(reader.manifest["step"])
+    return _load_info(model, reader)
+
+
+def _reader_for(model, path: str) -> ReshardReader:
+    reader = ReshardReader(path, model.mesh.rank)
+    differences = shape_differences(reader.rank_meta[0].get("model") or {}, model.model_cfg)
+    if differences:
+        raise CheckpointError(f"{path} holds another model: {differences} (saved, current)")
+    return reader
+
+
+def _load_info(model, reader: ReshardReader) -> dict:
+    return {"step": model.completed_steps, "files_read": sorted(reader.files_read),
             "saved_world_size": reader.saved_world}
+
+
+def _fill_model(reader: ReshardReader, chunks, params: dict) -> None:
+    for chunk in chunks:
+        for name, tensor in chunk.state_dict(keep_vars=True).items():
+            _fill_model_tensor(reader, name, tensor.data, params.get(name))
 
 
 def _fill_model_tensor(reader, name: str, tensor: torch.Tensor, param) -> None:
@@ -142,5 +173,4 @@ def _load_unsharded_format(trainer, reader) -> dict:
                               f"size and layout, not at {trainer.mesh.config.world_size}")
     load_checkpoint_state(trainer, {"tensors": reader.read_rank_tensors(rank),
                                     "meta": reader.rank_meta[rank]})
-    return {"step": trainer.completed_steps, "files_read": sorted(reader.files_read),
-            "saved_world_size": reader.saved_world}
+    return _load_info(trainer, reader)

@@ -25,23 +25,12 @@ from engine.parallel.axes import Axis
 from engine.parallel.mesh import FoldedMesh
 from engine.parallel.traffic import by_kind
 from engine.train.batch import split_microbatches
+from engine.train.model_shards import named_parameters
 from engine.train.loss import lm_loss_fn
 from engine.train.phase_clock import PhaseClock
 from engine.train.phases import PhaseListener, phase_axes
 from engine.train.pipeline_setup import build_executor
 from engine.train.state import checkpoint_state, load_checkpoint_state
-
-
-def named_parameters(chunks: list[nn.Module]) -> list[tuple[str, nn.Parameter]]:
-    """Parameters of all chunks; names are global so they never collide."""
-    out, seen = [], set()
-    for chunk in chunks:
-        for name, param in chunk.named_parameters():
-            if name in seen:
-                raise ValueError(f"parameter name {name!r} appears in two pipeline chunks")
-            seen.add(name)
-            out.append((name, param))
-    return out
 
 
 class Trainer:

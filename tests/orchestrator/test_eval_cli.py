@@ -138,3 +138,19 @@ def test_bad_row_is_one_line_error_naming_the_line(models, tmp_path, capsys, lin
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"eval error: {rows}{message}"), err
     assert "\n" not in err
+
+
+def test_eval_builds_no_optimizer(models, rows_file, tmp_path, capsys, monkeypatch):
+    """The weights alone (engine/train/model_shards.py): no Trainer, so no fp32 gradient
+    buffer, master copy or Adam moments are allocated for an evaluation."""
+    import engine.train.trainer as trainer_module
+
+    class NoOptimizer:
+        def __init__(self, *args, **kwargs):
+            raise AssertionError("foldmoe eval built an optimizer")
+
+    monkeypatch.setattr(trainer_module, "FoldedOptimizer", NoOptimizer)
+    model_dir, model = models["mixtral"]
+    path, rows = rows_file
+    assert main(["eval", write_config(tmp_path / "c.yaml", model_dir), "--tokens", path, "--json"]) == 0
+    assert_close(last_json(capsys.readouterr().out)["loss"], hf_token_loss(model, rows), "mixtral")

@@ -17,14 +17,16 @@ import torch
 import torch.distributed as dist
 
 from engine.checkpoint import CheckpointManager
-from engine.compose import build_trainer
+from engine.compose import build_model, build_trainer
 from engine.config.model import get_preset
 from engine.config.train import TrainConfig
 from engine.parallel.config import ParallelConfig
 from engine.parallel.mesh import FoldedMesh
 from engine.testing.layouts import dp_of
 from engine.testing.parity import synthetic_global_batch
-from engine.train.state import checkpoint_state, load_resharded
+from engine.data.eval_data import EvalBatch
+from engine.train.evaluate import Evaluator
+from engine.train.state import checkpoint_state, load_model_resharded, load_resharded, model_state
 
 K_STEPS, MORE_STEPS = 1, 3
 MODEL = dict(moe_expert_bias=True, moe_score_func="sigmoid", tie_embeddings=True)
@@ -33,13 +35,25 @@ TRAIN = dict(global_batch_size=8, seq_len=8, lr=1e-3, eps=1e-3, warmup_steps=1,
 GLOBAL_MICRO_BATCH = 4
 
 
-def _trainer(world: int, layout: dict):
+def _configs(world: int, layout: dict):
     layout = dict(layout)
     train = dict(TRAIN, micro_batch_size=GLOBAL_MICRO_BATCH // dp_of(world, layout),
                  zero1=layout.pop("zero1", False), precision=layout.pop("precision", "fp32"))
     model_cfg = get_preset("tiny-moe", **MODEL)
-    mesh = FoldedMesh(ParallelConfig(world_size=world, **layout))
-    return build_trainer(model_cfg, TrainConfig(**train), mesh), model_cfg
+    return model_cfg, TrainConfig(**train), FoldedMesh(ParallelConfig(world_size=world, **layout))
+
+
+def _trainer(world: int, layout: dict):
+    model_cfg, train, mesh = _configs(world, layout)
+    return build_trainer(model_cfg, train, mesh), model_cfg
+
+
+def _eval_loss(model, model_cfg) -> float:
+    """Forward-only mean loss of one held-out-like batch (the same tokens for every layout)."""
+    tokens = synthetic_global_batch(1000, TRAIN["global_batch_size"], TRAIN["seq_len"], model_cfg.vocab_size)
+    weights = torch.ones(tokens.shape)
+    weights[:, 0] = 0
+    return Evaluator(model).mean_loss([EvalBatch(tokens, weights)])
 
 
 def _steps(trainer, model_cfg, steps) -> list[dict]:
@@ -71,15 +85,27 @@ def save_side(rank: int, world: int, layout: dict, ckpt_dir: str) -> dict:
     if legacy:
         state["shards"] = {k: v for k, v in state["shards"].items() if not k.startswith("optim/")}
     manager.save(K_STEPS, state)
-    return {"continued": _steps(trainer, model_cfg, range(K_STEPS, K_STEPS + MORE_STEPS))}
+    eval_loss = _eval_loss(trainer, model_cfg)
+    return {"continued": _steps(trainer, model_cfg, range(K_STEPS, K_STEPS + MORE_STEPS)),
+            "eval_loss": eval_loss}
 
 
 def load_side(rank: int, world: int, layout: dict, ckpt_dir: str) -> dict:
     """Loads the checkpoint at B; returns this rank's state right after loading (as it
-    would save it) and the MORE_STEPS that follow."""
-    trainer, model_cfg = _trainer(world, {k: v for k, v in layout.items() if k != "legacy"})
+    would save it) and the MORE_STEPS that follow. layout["model_only"]: the optimizer-free
+    ModelShards of `foldmoe eval` and load_model_resharded; then the eval loss instead."""
+    layout = {k: v for k, v in layout.items() if k != "legacy"}
     path = CheckpointManager(ckpt_dir, keep=0, rank=rank, world_size=world,
                              barrier=dist.barrier).latest()
+    if layout.pop("model_only", False):
+        model_cfg, train, mesh = _configs(world, layout)
+        model = build_model(model_cfg, train, mesh)
+        info = load_model_resharded(model, path)
+        tensors, shards = model_state(model.chunks)
+        return {"loaded": {"tensors": {k: v.clone() for k, v in tensors.items()}, "shards": shards},
+                "info": info, "eval_loss": _eval_loss(model, model_cfg),
+                "has_optimizer": hasattr(model, "optimizer")}
+    trainer, model_cfg = _trainer(world, layout)
     info = load_resharded(trainer, path)
     loaded = _without_rng(checkpoint_state(trainer))
     continued = _steps(trainer, model_cfg, range(info["step"], info["step"] + MORE_STEPS))

@@ -46,6 +46,14 @@ MATRIX = {
     # A checkpoint of the format before resharding, resumed with its own layout.
     "legacy-format": (2, dict(ep=2, zero1=True, legacy=True), 2, dict(ep=2, zero1=True)),
 }
+# `foldmoe eval`: the params alone (no optimizer) at another layout; the legacy format too,
+# which load_resharded takes at its own layout only.
+MODEL_ONLY = {
+    "eval:8rank5D->2rank": (8, dict(tp=2, cp=2, pp=2, ep=4, zero1=True), 2, dict(ep=2, model_only=True)),
+    "eval:legacy->TP2PP2": (2, dict(ep=2, zero1=True, legacy=True), 4, dict(tp=2, pp=2, model_only=True)),
+    "eval:bf16->TP2PP2": (4, dict(ep=2, zero1=True, precision="bf16"), 4,
+                          dict(tp=2, pp=2, precision="bf16", model_only=True)),
+}
 
 
 def _save_key(world: int, layout: dict) -> str:
@@ -56,10 +64,11 @@ def _save_key(world: int, layout: dict) -> str:
 def matrix(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("reshard"))
     saves: dict[int, dict] = {}
-    for world, layout, _, _ in MATRIX.values():
+    cases = {**MATRIX, **MODEL_ONLY}
+    for world, layout, _, _ in cases.values():
         saves.setdefault(world, {})[_save_key(world, layout)] = layout
     loads: dict[int, list] = {}
-    for name, (world_a, layout_a, world_b, layout_b) in MATRIX.items():
+    for name, (world_a, layout_a, world_b, layout_b) in cases.items():
         loads.setdefault(world_b, []).append(
             (name, layout_b, os.path.join(root, _save_key(world_a, layout_a))))
     results: dict[str, list] = {}
@@ -135,3 +144,25 @@ def test_ranks_read_only_the_files_they_need(matrix):
     # EP4 -> EP2 on 4 ranks: a rank needs the experts of 2 of the 4 EP ranks.
     for r in results["load:EP4->EP2"]:
         assert len(r["info"]["files_read"]) < r["info"]["saved_world_size"], r["info"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(MODEL_ONLY))
+def test_model_only_load_for_eval(matrix, name):
+    """Every param and buffer bit-identical to its part of what A saved, no optimizer built,
+    and the eval loss of one batch equal to A's right after the save."""
+    root, results = matrix
+    world_a, layout_a, _, layout_b = MODEL_ONLY[name]
+    key = _save_key(world_a, layout_a)
+    shapes = global_shapes()
+    saved = global_tensors(os.path.join(root, key, f"step{K_STEPS:08d}"), shapes)
+    loaded = results[f"load:{name}"]
+    compared = assert_loaded_equals_saved([r["loaded"] for r in loaded], saved, shapes)
+    assert compared >= sum(t.numel() for k, t in saved.items() if k.startswith("model/"))
+    want = results[f"save:{key}"][0]["eval_loss"]
+    rtol = BF16_RTOL if layout_b.get("precision") == "bf16" else LOSS_RTOL
+    print(f"\n{name}: {compared} elements bit-identical; eval loss {loaded[0]['eval_loss']:.7f} "
+          f"vs {want:.7f} at the saving layout")
+    for r in loaded:
+        assert not r["has_optimizer"] and r["info"]["step"] == K_STEPS
+        assert abs(r["eval_loss"] - want) <= rtol * want, (name, r["eval_loss"], want)
