@@ -1,5 +1,10 @@
 """Runs one PP rank's action list: forwards, backwards and the p2p exchanges between them.
 
+Exchanges are posted without waiting; a compute waits for the exchange that holds its
+input (the activation or the output gradient) just before it runs, and the sends are
+waited for at the end. So what the schedule posts one compute ahead (the interleaved
+steady state) transfers while that compute runs (engine/pipeline/schedules.py).
+
 Loss convention (docs/architecture.md, "Loss normalisation"): `loss_fn` already divides by the global token count, so the
 executor backpropagates each micro-batch loss as is (no 1/m scaling) and parameter grads
 accumulate over micro-batches in `.grad`.
@@ -7,6 +12,7 @@ accumulate over micro-batches in `.grad`.
 from __future__ import annotations
 
 import time
+from collections import deque
 from typing import Callable, Sequence
 
 import torch
@@ -44,7 +50,7 @@ class PipelineExecutor:
                                 Link(mesh.traffic, Axis.PP), device)
             self._global_ranks = mesh.ranks("pp")
         self.timeline: list[TimedAction] = []        # compute actions, perf_counter seconds
-        self.comm_timeline: list[TimedAction] = []   # each action of an exchange, shared span
+        self.comm_timeline: list[TimedAction] = []   # exchange postings; waits, as their receive
 
     @property
     def num_microbatches(self) -> int:
@@ -72,14 +78,18 @@ class PipelineExecutor:
         self._state = _RunState(microbatches)
         self.timeline, self.comm_timeline = [], []
         for step in comm_steps(self.actions):
-            start = time.perf_counter()
             if isinstance(step, Action):
+                self._wait_inputs(step)
+                start = time.perf_counter()
                 (self._forward if step.kind == "F" else self._backward)(step)
                 self.timeline.append(TimedAction(step, start, time.perf_counter()))
             else:
-                self._exchange(step)
+                start = time.perf_counter()
+                self._post(step)
                 end = time.perf_counter()
                 self.comm_timeline += [TimedAction(a, start, end) for a in step]
+        for pending in self._state.posted:   # the sends (receives were waited for before use)
+            pending.wait()
         losses, self._state = self._state.losses, None
         return losses if self.is_last_stage else [None] * len(microbatches)
 
@@ -110,7 +120,8 @@ class PipelineExecutor:
             x = state.inputs.pop((i, c))
             state.to_send[("B", i, c)] = x.grad if x.grad is not None else torch.zeros_like(x)
 
-    def _exchange(self, run: list[Action]) -> None:
+    def _post(self, run: list[Action]) -> None:
+        """Posts one exchange without waiting (engine/pipeline/schedules.py, `_with_comm`)."""
         state = self._state
         sends, receives = [], []
         for action in run:
@@ -119,10 +130,30 @@ class PipelineExecutor:
             if action.kind.startswith("SEND"):
                 sends.append((peer, state.to_send.pop((direction, action.microbatch, action.chunk))))
             else:
-                receives.append((peer, (direction, action.microbatch, action.chunk)))
-        tensors = self.p2p.exchange(sends, [peer for peer, _ in receives])
-        for (_, key), tensor in zip(receives, tensors):
+                receives.append((peer, action))
+        tensors, pending = self.p2p.post(sends, [peer for peer, _ in receives])
+        state.posted.append(pending)
+        for (_, action), tensor in zip(receives, tensors):
+            key = (action.kind[-1], action.microbatch, action.chunk)
             state.received[key] = tensor
+            state.pending[key] = (pending, action)
+
+    def _wait_inputs(self, action: Action) -> None:
+        """Waits for the exchange holding what `action` consumes, timed as that receive, and
+        for every exchange posted before it: NCCL runs a rank's exchanges in order, so they
+        are done already, and their sent tensors are released here rather than at the end."""
+        key = (action.kind, action.microbatch, action.chunk)
+        pending, receive = self._state.pending.pop(key, (None, None))
+        if pending is None or pending.waited:
+            return
+        start = time.perf_counter()
+        posted = self._state.posted
+        while posted:
+            first = posted.popleft()
+            first.wait()
+            if first is pending:
+                break
+        self.comm_timeline.append(TimedAction(receive, start, time.perf_counter()))
 
 
 class _RunState:
@@ -134,6 +165,8 @@ class _RunState:
         self.inputs: dict = {}      # received activations (leaves whose .grad is sent back)
         self.outputs: dict = {}     # chunk outputs, or the loss on the last chunk
         self.received: dict = {}    # ("F"|"B", i, c) -> tensor received for chunk c
+        self.pending: dict = {}     # ("F"|"B", i, c) -> (PendingExchange, its receive action)
+        self.posted: deque = deque()   # PendingExchanges not yet waited for, in posting order
         self.to_send: dict = {}     # ("F"|"B", i, c) -> tensor produced by chunk c
 
 

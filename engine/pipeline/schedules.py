@@ -6,14 +6,15 @@ Chunk ids are global: chunk c = v * pp + r runs on PP rank r as its virtual stag
 (Megatron's interleaving, Narayanan et al. 2021, arXiv 2104.04473).
 
 Communication placement: the compute order is cut into slots (one compute each for
-GPipe and 1F1B; (F, B) pairs in the interleaved steady state). Between two slots is one
-exchange holding the sends of everything the slot produced and the receives of
-everything the next slot consumes (Megatron's combined send_forward_recv_backward & co.).
-The executor posts each such run of consecutive communication actions as one
-`batch_isend_irecv`, so neighbours that both send and receive cannot block each other in
-a send. `verify.check_schedule` proves, by simulation, that the exchanges of all ranks
-pair up in order without deadlock; one-compute slots in the interleaved steady state
-deadlock (two neighbours each block in a send that the other receives only later).
+GPipe and 1F1B; (F, B) pairs in the interleaved steady state). After each compute comes one
+exchange: what it produced, and the receives of the next slot that it hands over to
+(`_with_comm`). The executor posts each run of consecutive communication actions as one
+`batch_isend_irecv` without waiting, and waits for a received tensor only when a compute
+consumes it; so in the interleaved steady state the exchange after F runs behind B and
+the one after B behind the next F (Megatron's overlap_p2p_comm), while in a one-compute
+slot the next compute waits at once. `verify.check_schedule` proves, by simulating those
+semantics (with NCCL's in-order execution of a rank's exchanges), that the exchanges of
+all ranks pair up in order without deadlock.
 """
 from __future__ import annotations
 
@@ -168,18 +169,30 @@ def _sends(action: Action, num_chunks: int) -> list[Action]:
 
 
 def _with_comm(slots: list[list[Action]], num_chunks: int) -> list[Action]:
-    """One exchange between consecutive slots: the sends of everything the slot produced
-    plus the receives of everything the next slot consumes (Megatron's combined
-    send_forward_recv_backward & co.); receives of the first slot go before it."""
-    program: list[Action] = []
+    """After each compute, one exchange: its sends, and the receives of the next slot's
+    actions it hands over to (Megatron's combined send_forward_recv_forward & co.): with a
+    (F, B) slot the next F's input comes with this F's send and the next B's gradient with
+    this B's send, so each transfer runs behind the other compute of the pair (Megatron's
+    overlap_p2p_comm); a one-compute slot takes every receive of the next slot. The
+    receives of the first slot go before it."""
+    program: list[Action] = [r for a in slots[0] for r in _receives(a, num_chunks)] if slots else []
     for index, slot in enumerate(slots):
-        if index == 0:
-            program += [r for a in slot for r in _receives(a, num_chunks)]
-        program += slot
-        program += [s for a in slot for s in _sends(a, num_chunks)]
-        if index + 1 < len(slots):
-            program += [r for a in slots[index + 1] for r in _receives(a, num_chunks)]
+        following = slots[index + 1] if index + 1 < len(slots) else []
+        for position, action in enumerate(slot):
+            program.append(action)
+            program += _sends(action, num_chunks)
+            program += [r for b in following if _hand_over(b, slot) == position
+                        for r in _receives(b, num_chunks)]
     return program
+
+
+def _hand_over(action: Action, slot: list[Action]) -> int:
+    """Position in `slot` after which `action`'s receives are posted: the compute of the
+    same kind, else the slot's last."""
+    for position, current in enumerate(slot):
+        if current.kind == action.kind:
+            return position
+    return len(slot) - 1
 
 
 def _single_slots(order: list[Action]) -> list[list[Action]]:

@@ -1,11 +1,15 @@
 """Schedule verification without communication: ordering, in-order p2p pairing and a
 timed simulation of blocking batched exchanges that detects deadlock.
 
-Exchange model: a run of consecutive communication actions is posted at once (as the
-executor's `batch_isend_irecv`) and the rank waits until every op of the run has met its
-peer op; a send and a receive meet when both are posted (rendezvous, the worst case).
-Ops between a pair of ranks match in posting order (NCCL ignores tags), so the send
-sequence of src->dst must equal the receive sequence of dst from src.
+Exchange model (the executor's): a run of consecutive communication actions is posted at
+once, as one `batch_isend_irecv`, without waiting; a rank's exchanges then run one after
+another, as NCCL executes a communicator's work in order (gloo has no such order, so a
+schedule that passes here also runs there); an op completes when its peer op is in a
+running exchange (rendezvous, the worst case), and an exchange when all its ops have. A
+compute waits only for the exchanges that hold its receives, and a rank's sends are
+waited for at the end of the run. Ops between a pair of ranks match in posting order
+(NCCL ignores tags), so the send sequence of src->dst must equal the receive sequence of
+dst from src.
 """
 from __future__ import annotations
 
@@ -72,51 +76,104 @@ def check_pairing(programs: list[list[Action]]) -> None:
 
 
 def simulate(programs: list[list[Action]], cost: Callable[[Action], float] | None = None,
-             ) -> list[list[TimedAction]]:
+             transfer: float = 0.0) -> list[list[TimedAction]]:
     """Runs all programs on a shared clock; compute takes cost(action) (default F=1, B=2),
-    exchanges take no time but block until matched. Raises ScheduleError on deadlock.
-    Returns per-rank compute timelines."""
+    an exchange `transfer` once its ops have met. Raises ScheduleError on deadlock.
+    Returns per-rank compute timelines. The semantics are the executor's (module docstring)."""
     cost = cost or (lambda a: 1.0 if a.kind == "F" else 2.0)
-    pp = len(programs)
-    steps = [list(comm_steps(p)) for p in programs]
-    pc, clock = [0] * pp, [0.0] * pp
-    posted: dict[tuple[str, Key], float] = {}   # ("SEND"|"RECV", key) -> post time
-    timelines: list[list[TimedAction]] = [[] for _ in range(pp)]
-    while any(pc[r] < len(steps[r]) for r in range(pp)):
-        progressed = False
-        for r in range(pp):
-            while pc[r] < len(steps[r]):
-                step = steps[r][pc[r]]
-                if isinstance(step, Action):
-                    timelines[r].append(TimedAction(step, clock[r], clock[r] + cost(step)))
-                    clock[r] += cost(step)
-                else:
-                    done_at = _exchange(step, pp, clock[r], posted)
-                    if done_at is None:
-                        break
-                    clock[r] = done_at
-                pc[r] += 1
-                progressed = True
+    sim = _Simulation(programs, transfer)
+    while not sim.finished():
+        progressed = sim.resolve_exchanges()
+        for r in range(sim.pp):
+            progressed |= sim.advance(r, cost)
         if not progressed:
-            raise ScheduleError("deadlock: " + "; ".join(
-                f"rank {r} waits in {' '.join(map(str, steps[r][pc[r]]))}"
-                for r in range(pp) if pc[r] < len(steps[r])))
-    return timelines
+            raise ScheduleError("deadlock: " + sim.describe_wait())
+    return sim.timelines
 
 
-def _exchange(run: list[Action], pp: int, now: float, posted: dict) -> float | None:
-    """Posts the run's ops (once) and returns its completion time, or None if some op's
-    peer has not been posted yet."""
-    ops = [("SEND" if a.kind.startswith("SEND") else "RECV", peer_and_key(a, pp)[1]) for a in run]
-    for op in ops:
-        posted.setdefault(op, now)
-    done_at = now
-    for side, key in ops:
-        other = posted.get(("RECV" if side == "SEND" else "SEND", key))
-        if other is None:
-            return None
-        done_at = max(done_at, posted[(side, key)], other)
-    return done_at
+class _Exchange:
+    def __init__(self, rank: int, ops: list[tuple[str, Key]], posted_at: float):
+        self.rank, self.ops, self.posted_at = rank, ops, posted_at
+        self.start: float | None = None    # when the rank's earlier exchanges are done
+        self.done: float | None = None     # when every op has met its peer's
+
+
+class _Simulation:
+    """Posting never blocks; a rank's exchanges run one after another (NCCL executes a
+    communicator's work in order); an exchange is done once each of its ops' peer ops is in
+    a running exchange; a compute starts when the exchanges holding its receives are done."""
+
+    def __init__(self, programs: list[list[Action]], transfer: float):
+        self.pp, self.transfer = len(programs), transfer
+        self.steps = [list(comm_steps(p)) for p in programs]
+        self.pc, self.clock = [0] * self.pp, [0.0] * self.pp
+        self.exchanges: list[list[_Exchange]] = [[] for _ in range(self.pp)]
+        self.where: dict[tuple[str, Key], _Exchange] = {}   # (SEND|RECV, key) -> its exchange
+        self.timelines: list[list[TimedAction]] = [[] for _ in range(self.pp)]
+
+    def finished(self) -> bool:
+        return all(self.pc[r] == len(self.steps[r]) for r in range(self.pp)) and all(
+            x.done is not None for xs in self.exchanges for x in xs)
+
+    def advance(self, r: int, cost) -> bool:
+        moved = False
+        while self.pc[r] < len(self.steps[r]):
+            step = self.steps[r][self.pc[r]]
+            if not isinstance(step, Action):
+                ops = [("SEND" if a.kind.startswith("SEND") else "RECV", peer_and_key(a, self.pp)[1])
+                       for a in step]
+                exchange = _Exchange(r, ops, self.clock[r])
+                self.exchanges[r].append(exchange)
+                self.where.update({op: exchange for op in ops})
+            else:
+                ready = self._inputs_ready(r, step)
+                if ready is None:
+                    break
+                begin = max(self.clock[r], ready)
+                self.timelines[r].append(TimedAction(step, begin, begin + cost(step)))
+                self.clock[r] = begin + cost(step)
+            self.pc[r] += 1
+            moved = True
+        return moved
+
+    def _inputs_ready(self, r: int, action: Action) -> float | None:
+        """When the receives `action` consumes are done (None: not yet known)."""
+        kind = "RECV_F" if action.kind == "F" else "RECV_B"
+        key = peer_and_key(Action(kind, action.microbatch, action.chunk), self.pp)[1]
+        exchange = self.where.get(("RECV", key))
+        if exchange is None:
+            # No receive posted: the first chunk's F and the last chunk's B need none.
+            return self.clock[r]
+        return exchange.done
+
+    def resolve_exchanges(self) -> bool:
+        moved = False
+        for r in range(self.pp):
+            previous_done = 0.0
+            for exchange in self.exchanges[r]:
+                if exchange.done is not None:
+                    previous_done = exchange.done
+                    continue
+                if exchange.start is None:
+                    exchange.start = max(exchange.posted_at, previous_done)
+                    moved = True
+                peers = [self.where.get(("RECV" if side == "SEND" else "SEND", key)) for side, key in exchange.ops]
+                if any(p is None or p.start is None for p in peers):
+                    break          # later exchanges of this rank wait for this one
+                exchange.done = max([exchange.start] + [p.start for p in peers]) + self.transfer
+                previous_done = exchange.done
+                moved = True
+        return moved
+
+    def describe_wait(self) -> str:
+        out = []
+        for r in range(self.pp):
+            stuck = next((x for x in self.exchanges[r] if x.done is None), None)
+            if stuck is not None:
+                out.append(f"rank {r} exchange {' '.join(f'{s}{k}' for s, k in stuck.ops)} is unmatched")
+            elif self.pc[r] < len(self.steps[r]):
+                out.append(f"rank {r} waits before {self.steps[r][self.pc[r]]}")
+        return "; ".join(out)
 
 
 def peak_in_flight(program: list[Action]) -> int:

@@ -13,8 +13,11 @@ Per micro-batch and layer on one rank (t = b·s/cp tokens, t_sp = t/tp, heads pe
 - recompute re-runs the forward of what it drops (full: the layer; selective: the core;
   remat-aware: all but the core), with its collectives.
 Communication (engine/planner/comm_model.py) is exposed as the engine runs it: TP and EP
-collectives and PP p2p are synchronous; the CP ring overlaps the attention blocks; the DP
-reduction overlaps the last micro-batch's backward when train.overlap_grad_reduce.
+collectives are synchronous; PP p2p is too in 1F1B / GPipe, while the interleaved schedule
+hides each transfer behind the other compute of its (F, B) pair and exposes only the
+pipeline's fill and drain, 2 (pp·vpp - 1) transfers; the CP ring overlaps the attention
+blocks; the DP reduction overlaps the last micro-batch's backward when
+train.overlap_grad_reduce.
 Step = m·(slowest stage per micro-batch) + bubble + exposed DP + optimizer update, the
 bubble (sum of the other stages' times per micro-batch)/vpp: (pp - 1)/vpp micro-batch
 times for balanced stages (Narayanan et al. 2021), less when the stages are not.
@@ -194,14 +197,33 @@ def _ends(cfg: ModelConfig, p: ParallelConfig, train: TrainConfig, mach: Machine
     return {"compute": mach.constants.compute_scale * compute, "tp": tp, "cp": 0.0, "ep": 0.0}
 
 
-def _p2p(p: ParallelConfig, train: TrainConfig, cfg: ModelConfig, mach: Machine) -> float:
-    """Per micro-batch: each chunk's activation forward and its gradient backward."""
+def _p2p_transfer(p: ParallelConfig, train: TrainConfig, cfg: ModelConfig, mach: Machine) -> float:
+    """One chunk boundary's activation (or its gradient) from one PP rank to the next."""
     if p.pp == 1:
         return 0.0
     e = 2 if train.precision == "bf16" else 4
     nbytes = train.micro_batch_size * train.seq_len // (p.cp * p.tp) * cfg.hidden_size * e
-    one = mach.constants.collective_latency_s + mach.link.ring_time(nbytes, p.pp, p.world_size // p.pp)
-    return 2 * p.vpp * one
+    return mach.constants.collective_latency_s + mach.link.ring_time(nbytes, p.pp, p.world_size // p.pp)
+
+
+def _p2p_per_microbatch(p: ParallelConfig, one: float, stage_compute: float) -> float:
+    """Exposed p2p per micro-batch in the steady state. 1F1B and GPipe wait for each of the
+    2 vpp transfers. Interleaved: the exchange after F transfers while B runs and the one
+    after B while the next F runs (engine/pipeline/schedules.py), so only what exceeds a
+    chunk's forward is exposed."""
+    if p.pp == 1:
+        return 0.0
+    if p.vpp == 1:
+        return 2 * one
+    return 2 * p.vpp * max(0.0, one - stage_compute / (3 * p.vpp))
+
+
+def _p2p_fill_and_drain(p: ParallelConfig, one: float) -> float:
+    """Interleaved: the first micro-batch's activation crosses all pp·vpp - 1 chunk
+    boundaries before the steady state and its last gradient again after it, with nothing
+    to hide behind: 2 (pp·vpp - 1) transfers per step (the simulation of
+    engine/pipeline/verify.py gives exactly this; tests/engine/pipeline/test_schedules.py)."""
+    return 2 * (p.pp * p.vpp - 1) * one if p.pp > 1 and p.vpp > 1 else 0.0
 
 
 def _add(total: dict, part: dict, times: float = 1.0) -> None:
@@ -226,10 +248,10 @@ def stage_times(cfg, p, train, mach, dispatcher, cache: dict | None = None,
              for k in (False, True)}
     first = _memo(cache, ("first",) + key, lambda: _ends(cfg, p, train, mach, last=False))
     last = _memo(cache, ("last",) + key, lambda: _ends(cfg, p, train, mach, last=True))
-    p2p = _p2p(p, train, cfg, mach)
+    one = _p2p_transfer(p, train, cfg, mach)
     stages = {}
     for info in ranks if ranks is not None else rank_infos(cfg, p, train.seq_len):
-        total = {"compute": 0.0, "tp": 0.0, "cp": 0.0, "ep": 0.0, "pp": p2p}
+        total = {"compute": 0.0, "tp": 0.0, "cp": 0.0, "ep": 0.0, "pp": 0.0}
         summary = info.summary
         if summary.dense:
             _add(total, layer[False], summary.dense)
@@ -239,6 +261,7 @@ def stage_times(cfg, p, train, mach, dispatcher, cache: dict | None = None,
             _add(total, first)
         if summary.last:
             _add(total, last)
+        total["pp"] = _p2p_per_microbatch(p, one, total["compute"])
         stages[info.rank] = total
     return stages
 
@@ -294,6 +317,7 @@ def estimate_step(cfg: ModelConfig, p: ParallelConfig, train: TrainConfig, mach:
     bubble = max(every_stage - per_mb, 0.0) / p.vpp
     dp, optimizer = _dp_and_optimizer(cfg, p, train, mach, slowest["compute"], ranks)
     breakdown = {k: m * v for k, v in slowest.items()}
+    breakdown["pp"] += _p2p_fill_and_drain(p, _p2p_transfer(p, train, cfg, mach))
     breakdown.update(bubble=bubble, dp=dp, optimizer=optimizer)
     step = sum(breakdown.values())
     flops = _memo(cache, ("flops", train.global_batch_size, train.seq_len),

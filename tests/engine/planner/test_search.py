@@ -64,3 +64,30 @@ def test_search_is_deterministic():
     _, a = _tiny_search()
     _, b = _tiny_search()
     assert [r.as_dict() for r in a.rows] == [r.as_dict() for r in b.rows]
+
+
+def test_pipeline_p2p_term_follows_the_schedule_simulation():
+    # The planner's exposed PP p2p equals what engine/pipeline/verify.simulate adds to the
+    # step when every exchange takes one transfer: interleaved (the executor overlaps the
+    # steady state) and 1F1B (it waits for every transfer).
+    from engine.parallel.config import ParallelConfig
+    from engine.pipeline.schedules import build_schedule
+    from engine.pipeline.verify import simulate
+    from engine.planner.cost import _p2p_transfer
+
+    cfg = get_preset("qwen2-57b-a14b", moe_capacity_factor=1.0)
+    train = TrainConfig(global_batch_size=256, seq_len=4096, precision="bf16", zero1=True)
+    for vpp, schedule in ((7, "interleaved"), (1, "1f1b")):
+        p = ParallelConfig(world_size=64, tp=2, pp=4, ep=4, vpp=vpp)
+        m = train.num_microbatches(p.dp)
+        one = _p2p_transfer(p, train, cfg, H100)
+        programs = build_schedule(schedule, p.pp, m, vpp)
+        cost = lambda a: (1.0 if a.kind == "F" else 2.0) / vpp
+        span = lambda tau: max(t.end for tl in simulate(programs, cost, tau) for t in tl)
+        tau = 1e-3 / vpp
+        simulated = (span(tau) - span(0.0)) / tau * one
+        planned = estimate_step(cfg, p, train, H100).breakdown["pp"]
+        if schedule == "interleaved":
+            assert abs(planned - simulated) <= 1e-9 * simulated, (planned, simulated)
+        else:   # 1F1B: 2 m per step, plus what the fill adds in the simulation (pp - 1 or so)
+            assert 2 * m * one == planned and planned <= simulated <= planned + 2 * p.pp * one
