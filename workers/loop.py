@@ -197,5 +197,6 @@ def _train_steps(spec: JobSpec, trainer: Trainer, dataset: TrainWindows,
         reporter.step(record)
         if preempted and step + 1 < train.steps:
             raise Preempted(step + 1, path)
+    trainer.optimizer.wait_params()   # train.overlap_param_gather: the last step's gathers
     manager.flush()
     return record

@@ -47,6 +47,7 @@ class TrainConfig:
     recompute: str = "none"             # none | selective | full | remat_aware
     zero1: bool = False                 # shard optimizer state over dp x cp / edp
     overlap_grad_reduce: bool = False   # launch bucket reductions from backward hooks
+    overlap_param_gather: bool = False  # ZeRO-1: the params' all-gather runs behind the next forward
     pipeline_schedule: str = "auto"     # auto (1f1b; interleaved when parallel.vpp > 1) | gpipe | 1f1b | interleaved
     eval_every: int = 0                 # val_loss every N steps (and at the last step) on the held-out split; 0 = off
     eval_batches: int = 1               # global batches in the held-out split (engine/data/eval_data.py)
@@ -61,6 +62,9 @@ class TrainConfig:
         if self.precision not in PRECISIONS:
             raise ValueError(f"train.precision={self.precision!r}: expected one of {PRECISIONS}")
         _check_schedule_name(self.pipeline_schedule)
+        if self.overlap_param_gather and not self.zero1:
+            raise ValueError("train.overlap_param_gather=true needs train.zero1=true: without ZeRO-1 "
+                             "every rank updates all its params and there is no all-gather to overlap")
         if self.lr_decay not in LR_DECAYS:
             raise ValueError(f"train.lr_decay={self.lr_decay!r}: expected one of {LR_DECAYS}")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:

@@ -52,6 +52,7 @@ class FlatBucket:
         self.exp_avg_sq = torch.zeros_like(self.main_param)
         self.adam_ranges = [self._adam_range(lo, hi, decay) for lo, hi, decay in plan.adam_ranges()]
         self.pending_work = None
+        self.gather_work = None
         self._gathered_grad: torch.Tensor | None = None
 
     @torch.no_grad()
@@ -111,8 +112,9 @@ class FlatBucket:
             self._run(op, axis, mesh, False)
 
     @torch.no_grad()
-    def publish_params(self, mesh: FoldedMesh) -> None:
-        """Writes the updated master weights into the model params (cast, then ZeRO-1 gather)."""
+    def publish_params(self, mesh: FoldedMesh, async_op: bool = False) -> None:
+        """Writes the updated master weights into the model params (cast, then ZeRO-1
+        gather). async_op: the gather is only started; wait_params() completes it."""
         plan = self.plan
         owned = self.param_buffer[plan.shard_start:plan.shard_end]
         if self.separate_main:
@@ -120,7 +122,14 @@ class FlatBucket:
         if plan.shard_axis is not None and mesh.size(plan.shard_axis) > 1:
             mesh.traffic.add(plan.shard_axis,
                              ring_gather_bytes(_nbytes(self.param_buffer), mesh.size(plan.shard_axis)))
-            all_gather_into(self.param_buffer, owned, mesh.group(plan.shard_axis))
+            self.gather_work = all_gather_into(self.param_buffer, owned, mesh.group(plan.shard_axis),
+                                               async_op)
+
+    def wait_params(self) -> None:
+        """Completes a started parameter gather (a stream wait on CUDA, no host sync)."""
+        if self.gather_work is not None:
+            self.gather_work.wait()
+            self.gather_work = None
 
     def full_grad(self, mesh: FoldedMesh) -> torch.Tensor:
         """The whole reduced gradient buffer. Under ZeRO-1 only the owned range is reduced

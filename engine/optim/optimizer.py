@@ -5,6 +5,9 @@ ZeRO-1 sharding of master weights and moments (Rajbhandari et al. arXiv 1910.020
 Per step, driven by the trainer:
   prepare_for_backward(n) -> n x (forward, backward) -> finish_grad_sync()
   -> clip_grad_norm(max_norm) -> step(step)
+With train.overlap_param_gather (ZeRO-1), step() only starts the params' all-gathers; the
+forward pre-hooks of install_forward_waits complete each bucket's before its first use,
+and wait_params() completes them all for anything else that touches the params.
 Backward hooks add each param's grad into its fp32 `main_grad` (a view of the bucket's
 grad buffer) and free `p.grad`. With overlap_grad_reduce, a bucket's first reduction is
 started asynchronously as soon as all its params have received their last micro-batch's
@@ -43,6 +46,10 @@ class FoldedOptimizer:
         for i in self._bucket_of:
             self.params[i].register_post_accumulate_grad_hook(self._grad_hook(i))
         self.adam_step = 0
+        # Parameter gathers are started in the order the forward first uses their buckets
+        # (the lowest param index: registration follows the forward), the same on every rank.
+        self._gather_order = sorted(range(len(plans)), key=lambda b: min(s.index for s in plans[b].slots))
+        self._gathers_pending = False
         self.launched_in_backward = 0           # buckets whose reduction started in backward
         self._num_microbatches: int | None = None
         self._synced = False
@@ -140,13 +147,43 @@ class FoldedOptimizer:
                                "cast/move the model before building FoldedOptimizer")
         lr = lr_at(step, self.cfg)
         self.adam_step += 1
+        self.wait_params()     # a param no forward used still has last step's gather pending
         for decay in (True, False):
             self._adamw([r for b in self.buckets for r in b.adam_ranges if r.decay == decay],
                         lr, self.cfg.weight_decay if decay else 0.0)
-        for bucket in self.buckets:
-            bucket.publish_params(self.mesh)
+        overlap = self.cfg.overlap_param_gather
+        for b in self._gather_order:
+            self.buckets[b].publish_params(self.mesh, async_op=overlap)
+        self._gathers_pending = overlap
         self._synced = False
         return lr
+
+    # ---- overlapped parameter gather (train.overlap_param_gather) ----------------------
+    def wait_params(self) -> None:
+        """Completes every started parameter gather; anything that reads or writes the
+        params outside a forward (checkpoints, loading) calls this first."""
+        if self._gathers_pending:
+            for bucket in self.buckets:
+                bucket.wait_params()
+            self._gathers_pending = False
+
+    def install_forward_waits(self, modules: list[nn.Module]) -> None:
+        """A forward pre-hook on every module that holds params of this optimizer: it waits
+        for the gathers of their buckets, so each bucket's all-gather runs behind the
+        forward of the layers before it (Megatron's overlap_param_gather)."""
+        for root in modules:
+            for module in root.modules():
+                buckets = sorted({self._bucket_of[self._index_of[id(p)]]
+                                  for p in module.parameters(recurse=False) if id(p) in self._index_of})
+                if buckets:
+                    module.register_forward_pre_hook(self._forward_wait(buckets))
+
+    def _forward_wait(self, buckets: list[int]):
+        def hook(module, args) -> None:
+            if self._gathers_pending:
+                for b in buckets:
+                    self.buckets[b].wait_params()
+        return hook
 
     def _adamw(self, ranges, lr: float, weight_decay: float) -> None:
         # Bit-identical to torch's per-tensor AdamW, in cache-sized chunks (engine/optim/adamw.py).
@@ -157,9 +194,11 @@ class FoldedOptimizer:
     # ---- checkpoint -------------------------------------------------------------------
     def state_dict(self) -> dict:
         """This rank's optimizer state (format in engine/optim/state.py)."""
+        self.wait_params()
         return optimizer_state(self.buckets, self.adam_step, self.cfg.zero1)
 
     def load_state_dict(self, state: dict) -> None:
         """Restores a state saved with the same layout; raises ValueError otherwise. Model
         params are restored separately (fp32 params are their own master weights)."""
+        self.wait_params()
         self.adam_step = load_optimizer_state(self.buckets, state, self.cfg.zero1)

@@ -269,6 +269,8 @@ def stage_times(cfg, p, train, mach, dispatcher, cache: dict | None = None,
 def _dp_and_optimizer(cfg, p, train, mach, stage_compute: float, ranks: list[RankInfo]
                       ) -> tuple[float, float]:
     """(exposed gradient reduction + ZeRO-1 parameter all-gather, optimizer update) seconds.
+    The all-gather is exposed whole, or with train.overlap_param_gather what the first
+    chunk forwards of the next step do not hide.
 
     PP rank r finishes its last backward r backward steps (of one chunk) before rank 0 in
     the schedule's cool-down, so its reduction has that much more time to hide (with
@@ -291,12 +293,24 @@ def _dp_and_optimizer(cfg, p, train, mach, stage_compute: float, ranks: list[Ran
             reduce -= gather
         hidden = info.rank * backward_step + (p.vpp * backward_step if train.overlap_grad_reduce else 0.0)
         worst_reduce = max(worst_reduce, reduce - hidden)
+        if train.overlap_param_gather:
+            gather = _gather_behind_forward(gather, info.rank, p, backward_step / 2)
         worst_gather = max(worst_gather, gather)
         per_elem = mach.constants.optimizer_s_per_elem
         update = (owned * per_elem if per_elem is not None
                   else (ADAM_BYTES_PER_ELEM * owned + 4 * count.total) / mach.memory_rate)
         worst_opt = max(worst_opt, update)
-    return max(0.0, worst_reduce) + worst_gather, worst_opt
+    return max(0.0, worst_reduce) + max(0.0, worst_gather), worst_opt
+
+
+def _gather_behind_forward(gather: float, rank: int, p: ParallelConfig, chunk_forward: float) -> float:
+    """Exposed part of a rank's parameter all-gather run bucket by bucket in forward order
+    behind the next step's forward (train.overlap_param_gather). Chunk v's share, the
+    first (v + 1)/vpp of the gather, must be done when its first forward starts, after
+    v·pp + rank chunk forwards (the interleaved warm-up visits each chunk for pp
+    micro-batches); the binding chunk is the first or the last (both sides are linear in v)."""
+    late = [(v + 1) / p.vpp * gather - (v * p.pp + rank + 1) * chunk_forward for v in (0, p.vpp - 1)]
+    return max(0.0, *late)
 
 
 def estimate_step(cfg: ModelConfig, p: ParallelConfig, train: TrainConfig, mach: Machine, *,

@@ -53,6 +53,7 @@ def model_state(chunks) -> tuple[dict, dict]:
 
 
 def checkpoint_state(trainer) -> dict:
+    trainer.optimizer.wait_params()     # train.overlap_param_gather: the gathers of the last step
     tensors, shards = model_state(trainer.chunks)
     optim = trainer.optimizer.state_dict()
     optim_scalars = {}
@@ -72,6 +73,7 @@ def checkpoint_state(trainer) -> dict:
 
 
 def load_checkpoint_state(trainer, state: dict) -> None:
+    trainer.optimizer.wait_params()     # a pending gather would overwrite the loaded params
     saved, current = state["meta"]["layout"], layout_of(trainer)
     if saved != current:
         diff = {k: (saved.get(k), current[k]) for k in current if saved.get(k) != current[k]}
@@ -96,6 +98,7 @@ def load_resharded(trainer, path: str) -> dict:
     """Loads the checkpoint at `path`, written by any layout of the same model, into this
     rank's params, buffers, optimizer state (master weights, both Adam moments, the AdamW
     step), RNG state and step. Returns {"step", "files_read", "saved_world_size"}."""
+    trainer.optimizer.wait_params()     # a pending gather would overwrite the loaded params
     reader = _reader_for(trainer, path)
     meta = reader.rank_meta[0]
     if not any(key.startswith("optim/") for key in reader.shards):
@@ -126,6 +129,9 @@ def load_model_resharded(model, path: str) -> dict:
     Trainer whose optimizer state is to stay as it is), and its step. The Adam moments
     are never read, the fp32 master weights only where load_resharded would take a param
     from them (fp32 params from a bf16 checkpoint). Returns load_resharded's dict."""
+    optimizer = getattr(model, "optimizer", None)    # a Trainer's (ModelShards has none)
+    if optimizer is not None:
+        optimizer.wait_params()
     reader = _reader_for(model, path)
     with torch.no_grad():
         _fill_model(reader, model.chunks, dict(model.named_params))

@@ -56,6 +56,8 @@ class Trainer:
         # Told of every phase change (the worker's heartbeat): a call, never a host sync.
         self.phase_listener: PhaseListener | None = None
         self._phase_axes = phase_axes(mesh.config)
+        if train_cfg.overlap_param_gather:
+            self.optimizer.install_forward_waits(self.chunks)
         self.executor = None
         if mesh.config.pp > 1:
             self.executor = build_executor(self)

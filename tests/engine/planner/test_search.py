@@ -91,3 +91,23 @@ def test_pipeline_p2p_term_follows_the_schedule_simulation():
             assert abs(planned - simulated) <= 1e-9 * simulated, (planned, simulated)
         else:   # 1F1B: 2 m per step, plus what the fill adds in the simulation (pp - 1 or so)
             assert 2 * m * one == planned and planned <= simulated <= planned + 2 * p.pp * one
+
+
+def test_overlapped_param_gather_hides_behind_the_first_chunk_forwards():
+    from dataclasses import replace
+
+    from engine.parallel.config import ParallelConfig
+    from engine.planner.cost import _gather_behind_forward
+
+    p = ParallelConfig(world_size=8, pp=4, vpp=2)
+    # chunk 0: half the gather (5) after 1 chunk forward; chunk 1: all of it (10) after 4 + 1
+    assert _gather_behind_forward(10.0, 0, p, 1.0) == 5.0
+    assert _gather_behind_forward(10.0, 3, p, 1.0) == 2.0     # rank 3: 10 - (4 + 3 + 1)
+    assert _gather_behind_forward(1.0, 0, p, 1.0) == 0.0
+    cfg = get_preset("qwen2-57b-a14b", moe_capacity_factor=1.0)
+    train = TrainConfig(global_batch_size=256, seq_len=4096, precision="bf16", zero1=True,
+                        overlap_grad_reduce=True)
+    layout = ParallelConfig(world_size=64, tp=2, pp=4, ep=4, vpp=7)
+    blocking = estimate_step(cfg, layout, train, H100).breakdown["dp"]
+    overlapped = estimate_step(cfg, layout, replace(train, overlap_param_gather=True), H100).breakdown["dp"]
+    assert 0 < overlapped < blocking
