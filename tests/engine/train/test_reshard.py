@@ -100,6 +100,15 @@ def matrix(tmp_path_factory):
     torch.set_num_threads(threads)
 
 
+def _saved_and_loaded(matrix, name: str, world_a: int, layout_a: dict):
+    """(save key, global shapes, the global tensors A saved, what each B rank loaded)."""
+    root, results = matrix
+    key = _save_key(world_a, layout_a)
+    shapes = global_shapes()
+    saved = global_tensors(os.path.join(root, key, f"step{K_STEPS:08d}"), shapes)
+    return key, shapes, saved, results[f"load:{name}"]
+
+
 def _ready(ckpt_dir: str) -> bool:
     return os.path.isdir(os.path.join(ckpt_dir, f"step{K_STEPS:08d}"))
 
@@ -107,12 +116,9 @@ def _ready(ckpt_dir: str) -> bool:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(MATRIX))
 def test_reshard(matrix, name):
-    root, results = matrix
     world_a, layout_a, world_b, layout_b = MATRIX[name]
-    key = _save_key(world_a, layout_a)
-    shapes = global_shapes()
-    saved = global_tensors(os.path.join(root, key, f"step{K_STEPS:08d}"), shapes)
-    loaded = results[f"load:{name}"]
+    key, shapes, saved, loaded = _saved_and_loaded(matrix, name, world_a, layout_a)
+    results = matrix[1]
     if layout_a.get("legacy"):
         for r in loaded:
             r["loaded"]["tensors"] = {k: v for k, v in r["loaded"]["tensors"].items()
@@ -151,12 +157,9 @@ def test_ranks_read_only_the_files_they_need(matrix):
 def test_model_only_load_for_eval(matrix, name):
     """Every param and buffer bit-identical to its part of what A saved, no optimizer built,
     and the eval loss of one batch equal to A's right after the save."""
-    root, results = matrix
     world_a, layout_a, _, layout_b = MODEL_ONLY[name]
-    key = _save_key(world_a, layout_a)
-    shapes = global_shapes()
-    saved = global_tensors(os.path.join(root, key, f"step{K_STEPS:08d}"), shapes)
-    loaded = results[f"load:{name}"]
+    key, shapes, saved, loaded = _saved_and_loaded(matrix, name, world_a, layout_a)
+    results = matrix[1]
     compared = assert_loaded_equals_saved([r["loaded"] for r in loaded], saved, shapes)
     assert compared >= sum(t.numel() for k, t in saved.items() if k.startswith("model/"))
     want = results[f"save:{key}"][0]["eval_loss"]
