@@ -87,6 +87,11 @@ class MoETransformer(nn.Module):
         if last_stage and not cfg.tie_embeddings:
             self.head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
+    def borrowed_params(self) -> list[nn.Parameter]:
+        """Params that this module's own forward reads from a submodule without calling
+        it: the tied head's embedding table (hooks on the embedding never see that use)."""
+        return [self.embed.weight] if self.last_stage and self.head is None else []
+
     def forward(self, inputs: torch.Tensor, positions_bs: torch.Tensor) -> torch.Tensor:
         """inputs: token ids [b, s] on the first stage, hidden [b, s, h] elsewhere.
         Returns logits [b, s, V] on the last stage, hidden [b, s, h] otherwise."""

@@ -167,14 +167,18 @@ class FoldedOptimizer:
                 bucket.wait_params()
             self._gathers_pending = False
 
-    def install_forward_waits(self, modules: list[nn.Module]) -> None:
+    def install_forward_waits(self, modules: list[nn.Module],
+                              borrowed: dict[nn.Module, list[nn.Parameter]] | None = None) -> None:
         """A forward pre-hook on every module that holds params of this optimizer: it waits
         for the gathers of their buckets, so each bucket's all-gather runs behind the
-        forward of the layers before it (Megatron's overlap_param_gather)."""
+        forward of the layers before it (Megatron's overlap_param_gather). `borrowed`: per
+        module, params its forward reads from a submodule without calling it (a tied
+        head's embedding table), waited for before that module's forward."""
         for root in modules:
             for module in root.modules():
+                params = list(module.parameters(recurse=False)) + list((borrowed or {}).get(module, []))
                 buckets = sorted({self._bucket_of[self._index_of[id(p)]]
-                                  for p in module.parameters(recurse=False) if id(p) in self._index_of})
+                                  for p in params if id(p) in self._index_of})
                 if buckets:
                     module.register_forward_pre_hook(self._forward_wait(buckets))
 

@@ -57,7 +57,8 @@ class Trainer:
         self.phase_listener: PhaseListener | None = None
         self._phase_axes = phase_axes(mesh.config)
         if train_cfg.overlap_param_gather:
-            self.optimizer.install_forward_waits(self.chunks)
+            self.optimizer.install_forward_waits(
+                self.chunks, borrowed={chunk: chunk.borrowed_params() for chunk in self.chunks})
         self.executor = None
         if mesh.config.pp > 1:
             self.executor = build_executor(self)

@@ -23,12 +23,14 @@ from engine.train.state import checkpoint_state
 STEPS = 3
 TRAIN = dict(global_batch_size=8, seq_len=8, lr=1e-3, eps=1e-3, warmup_steps=1, steps=STEPS,
              zero1=True, overlap_grad_reduce=True)
-LAYOUTS = {"dp4-ep2": (dict(ep=2), {}), "pp2-vpp2-dp2": (dict(pp=2, vpp=2), {}),
-           "tp2-ep2-bf16": (dict(tp=2, ep=2), dict(precision="bf16"))}
+LAYOUTS = {"dp4-ep2": (dict(ep=2), {}, {}), "pp2-vpp2-dp2": (dict(pp=2, vpp=2), {}, {}),
+           "tp2-ep2-bf16": (dict(tp=2, ep=2), dict(precision="bf16"), {}),
+           # the last stage's tied head reads its embedding copy without calling it
+           "pp2-tied": (dict(pp=2, ep=2), {}, dict(tie_embeddings=True))}
 
 
-def _run(rank: int, world: int, layout: dict, extra: dict, overlap: bool) -> dict:
-    model_cfg = get_preset("tiny-moe")
+def _run(rank: int, world: int, layout: dict, extra: dict, model: dict, overlap: bool) -> dict:
+    model_cfg = get_preset("tiny-moe", **model)
     train = TrainConfig(**TRAIN, **extra, overlap_param_gather=overlap)
     trainer = build_trainer(model_cfg, train, FoldedMesh(ParallelConfig(world_size=world, **layout)))
     out = {"metrics": [], "pending_after_step": []}
@@ -49,8 +51,8 @@ def _run(rank: int, world: int, layout: dict, extra: dict, overlap: bool) -> dic
 
 
 def _cases(rank: int, world: int) -> dict:
-    return {(name, overlap): _run(rank, world, layout, extra, overlap)
-            for name, (layout, extra) in LAYOUTS.items() for overlap in (False, True)}
+    return {(name, overlap): _run(rank, world, layout, extra, model, overlap)
+            for name, (layout, extra, model) in LAYOUTS.items() for overlap in (False, True)}
 
 
 @pytest.fixture(scope="module")
