@@ -8,7 +8,8 @@ counters were seen to change), so clock skew between hosts does not matter:
   host, a process wedged in the kernel). Its peers keep beating while they wait for it.
 - no progress: every rank of the group still beats, but none has changed phase for
   hang_timeout_s (a deadlock, a stuck kernel); the rank furthest behind is named.
-The named rank is then SIGKILLed (a stopped process receives SIGKILL too). That turns a
+The named rank is then SIGKILLed (a stopped process receives SIGKILL too), on another Ray
+node through a task pinned to that node (`kill_rank`). That turns a
 hang into an ordinary worker failure: its peers' collectives fail at once, and the launcher
 tears the group down and restarts it from the latest checkpoint, or fails the job, by
 cluster.max_failures like any other failure.
@@ -28,11 +29,12 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from workers.events import EventWriter
-from workers.heartbeat import read_heartbeat
+from workers.heartbeat import ray_node_id, read_heartbeat
 
 SETUP_PHASES = frozenset(("setup", "build", "load_checkpoint"))   # no progress expected
 GONE_PHASES = frozenset(("exited", "failed"))
 READ_INTERVAL_S = 0.5
+KILL_TASK_TIMEOUT_S = 30.0    # placing and running the signalling task on another node
 
 
 @dataclass
@@ -142,6 +144,41 @@ def _local_pid_alive(pid: int) -> bool:
         return False
 
 
+def kill_rank(beat: dict) -> str:
+    """SIGKILLs a hung rank; returns what was done, for the message. A rank on another Ray
+    node than this driver (another host, another KubeRay pod) is signalled by a task pinned
+    to its node; any other on this host directly."""
+    node = beat.get("node_id")
+    if node and node != ray_node_id():
+        return kill_on_ray_node(node, int(beat["pid"]))
+    return kill_local(beat)
+
+
+def kill_on_ray_node(node_id: str, pid: int, timeout_s: float = KILL_TASK_TIMEOUT_S) -> str:
+    """SIGKILL to `pid` from a 0-CPU Ray task pinned to `node_id` (it runs even when the
+    workers hold every CPU of the node)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    def sigkill(target: int) -> bool:    # nested: pickled by value, needs nothing installed
+        import os as remote_os
+        import signal as remote_signal
+        try:
+            remote_os.kill(target, remote_signal.SIGKILL)
+        except ProcessLookupError:
+            return False
+        return True
+
+    task = ray.remote(num_cpus=0, max_retries=0)(sigkill).options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False))
+    where = f"Ray node {node_id[:12]}"
+    try:
+        killed = ray.get(task.remote(pid), timeout=timeout_s)
+    except Exception as err:   # node gone, task not placed in time: the peers time out instead
+        return f"could not signal it on {where} ({type(err).__name__}): its collectives time out instead"
+    return f"killed pid {pid} on {where}" if killed else f"pid {pid} on {where} had already exited"
+
+
 def kill_local(beat: dict) -> str:
     """SIGKILLs a rank on this host; returns what was done, for the message."""
     if beat.get("host") != socket.gethostname():
@@ -163,7 +200,7 @@ class Watchdog:
 
     def __init__(self, job_dir: str, *, hang_timeout_s: float, straggler_factor: float,
                  straggler_steps: int, max_failures: int,
-                 kill: Callable[[dict], str] = kill_local, clock: Callable[[], float] = time.monotonic):
+                 kill: Callable[[dict], str] = kill_rank, clock: Callable[[], float] = time.monotonic):
         self.pattern = os.path.join(job_dir, "workers", "rank*.heartbeat.json")
         self.writer = EventWriter(os.path.join(job_dir, "faults.jsonl"))
         self.hangs = HangDetector(hang_timeout_s)

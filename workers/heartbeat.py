@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 import threading
 import time
 from collections import deque
@@ -35,6 +36,18 @@ _SCHEDSTAT = "/proc/thread-self/schedstat"
 
 def heartbeat_path(job_dir: str, rank: int) -> str:
     return os.path.join(job_dir, "workers", f"rank{rank}.heartbeat.json")
+
+
+def ray_node_id() -> str | None:
+    """This process's Ray node when it runs in Ray (a Ray Train worker, a driver connected
+    to a cluster), else None; never imports Ray."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return None
+    try:
+        return ray.get_runtime_context().get_node_id()
+    except Exception:    # a runtime context of an older Ray, or none yet
+        return None
 
 
 def group_token() -> str:
@@ -67,6 +80,9 @@ class Heartbeat:
         self._fixed = {"rank": rank, "world_size": world_size, "pid": os.getpid(),
                        "host": socket.gethostname(), "started": time.time(),
                        "group": group_token()}
+        node = ray_node_id()
+        if node is not None:      # lets a driver elsewhere signal it (orchestrator/watchdog.py)
+            self._fixed["node_id"] = node
         self.step: int | None = None
         self.current: tuple[str, tuple[str, ...]] = ("setup", ())
         self.progress = 0                    # incremented by every phase change
