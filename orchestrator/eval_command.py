@@ -17,6 +17,7 @@ Default: inline for one worker or inside a torchrun world, else ray (train's def
 from __future__ import annotations
 
 import argparse
+import atexit
 import dataclasses
 import json
 import os
@@ -124,9 +125,11 @@ def _run_inline(spec) -> dict | None:
 
     backend = "nccl" if spec.use_gpu else "gloo"
     if "WORLD_SIZE" in os.environ:
-        # torchrun's world: joined once and kept (a re-init on its store does not connect).
+        # torchrun's world: joined once and kept (a re-init on its store does not connect),
+        # and left at exit.
         if not dist.is_initialized():
             dist.init_process_group(backend)
+            atexit.register(_leave_world)
         result = run_eval(spec)
         return result if dist.get_rank() == 0 else None
     started = not dist.is_initialized()
@@ -137,6 +140,15 @@ def _run_inline(spec) -> dict | None:
     finally:
         if started:
             dist.destroy_process_group()
+
+
+def _leave_world() -> None:
+    """Destroys the process groups before the interpreter tears down: left to exit, gloo's
+    threads of a rank that finished first may still be running (std::terminate, SIGABRT)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _run_launched(run: RunConfig, spec, kind: str) -> dict:
