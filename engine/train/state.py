@@ -125,13 +125,10 @@ def load_resharded(trainer, path: str) -> dict:
 
 def load_model_resharded(model, path: str) -> dict:
     """Loads only the params and buffers of the checkpoint at `path` (any layout of the same
-    model, either format) into `model` (engine.train.model_shards.ModelShards, or a
-    Trainer whose optimizer state is to stay as it is), and its step. The Adam moments
-    are never read, the fp32 master weights only where load_resharded would take a param
-    from them (fp32 params from a bf16 checkpoint). Returns load_resharded's dict."""
-    optimizer = getattr(model, "optimizer", None)    # a Trainer's (ModelShards has none)
-    if optimizer is not None:
-        optimizer.wait_params()
+    model, either format) into `model` (engine.train.model_shards.ModelShards: no optimizer),
+    and its step. The Adam moments are never read, the fp32 master weights only where
+    load_resharded would take a param from them (fp32 params from a bf16 checkpoint).
+    Returns load_resharded's dict."""
     reader = _reader_for(model, path)
     with torch.no_grad():
         _fill_model(reader, model.chunks, dict(model.named_params))
