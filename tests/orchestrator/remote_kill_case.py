@@ -1,7 +1,7 @@
 """Driver side of test_remote_kill.py, run in a process of its own joined to the multi-node
 cluster ($RAY_ADDRESS): a Ray actor on a worker node starts a rank's heartbeat, is
 SIGSTOPped (a hung rank), and the watchdog's kill_rank signals it from this driver, which
-runs on the head node. Prints one JSON line.
+runs on the head node. Writes JOB_DIR/result.json.
 
     python tests/orchestrator/remote_kill_case.py JOB_DIR
 """
@@ -50,8 +50,12 @@ def main(job_dir: str) -> None:
     deadline = time.monotonic() + 30
     while _alive(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
-    print(json.dumps({"pid": pid, "beat_node": beat.get("node_id"), "driver_node": ray_node_id(),
-                      "message": message, "kill_s": seconds, "alive": _alive(pid)}), flush=True)
+    result = {"pid": pid, "beat_node": beat.get("node_id"), "driver_node": ray_node_id(),
+              "message": message, "kill_s": seconds, "alive": _alive(pid)}
+    # A file, not stdout: Ray forwards the raylet's note of the killed worker to this
+    # driver's output at any moment.
+    with open(os.path.join(job_dir, "result.json"), "w", encoding="utf-8") as handle:
+        json.dump(result, handle)
 
 
 if __name__ == "__main__":

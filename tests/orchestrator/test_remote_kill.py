@@ -20,7 +20,7 @@ def test_a_stopped_rank_on_another_node_is_killed_through_ray(ray_nodes, tmp_pat
                           str(tmp_path)], env=ray_nodes.env(), cwd=ROOT, capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result = json.loads((tmp_path / "result.json").read_text())
     print(f"\nremote kill: {result['message']} in {result['kill_s']:.2f} s")
     assert result["beat_node"] and result["beat_node"] != result["driver_node"], result
     assert result["message"] == f"killed pid {result['pid']} on Ray node {result['beat_node'][:12]}"
