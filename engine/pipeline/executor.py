@@ -43,6 +43,9 @@ class PipelineExecutor:
         self.actions = list(schedule_actions)
         self.loss_fn = loss_fn
         self._check_actions()
+        # A forward-only program (evaluation) keeps nothing for a backward: each chunk's
+        # output is released once sent, not held for the whole run.
+        self.keeps_for_backward = any(a.kind == "B" for a in self.actions)
         self.p2p = None
         if self.pp > 1:
             device = device if device is not None else _device_of(self.chunks)
@@ -99,15 +102,17 @@ class PipelineExecutor:
         if c == 0:
             x = batch["inputs"]
         else:
-            x = state.received.pop(("F", i, c)).requires_grad_()
-            state.inputs[(i, c)] = x
+            x = state.received.pop(("F", i, c))
+            if self.keeps_for_backward:
+                state.inputs[(i, c)] = x.requires_grad_()
         out = self.chunks[c // self.pp](x, batch["positions"])
         if c == self.num_chunks - 1:
             out = self.loss_fn(out, batch)
             state.losses[i] = out.detach()
         else:
             state.to_send[("F", i, c)] = out
-        state.outputs[(i, c)] = out
+        if self.keeps_for_backward:
+            state.outputs[(i, c)] = out
 
     def _backward(self, action: Action) -> None:
         state, i, c = self._state, action.microbatch, action.chunk
