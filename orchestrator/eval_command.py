@@ -26,6 +26,7 @@ import time
 
 from .config import RunConfig, add_config_arguments, load_config
 from .errors import EXIT_CONFIG, ConfigError
+from .memory_report import check_eval_fits
 
 POLL_INTERVAL_S = 0.2
 
@@ -55,13 +56,15 @@ def add_eval_parser(sub) -> None:
 def eval_command(args: argparse.Namespace) -> int:
     try:
         run = load_config(args.config, list(args.overrides) + ["checkpoint.resume=true"])
-        spec = _job_spec(run, args.tokens)
         inline = args.launcher == "inline" or (args.launcher is None and (
             "WORLD_SIZE" in os.environ or run.world_sizes[-1] == 1))
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if inline and world not in run.world_sizes:
             raise ConfigError(f"cluster.num_workers={run.schema.cluster.num_workers}: --launcher inline "
                               f"runs in this world of {world} process(es); set it to {world}")
+        for size in [world] if inline else run.world_sizes:
+            check_eval_fits(run, size)     # in seconds, before data or weights are read
+        spec = _job_spec(run, args.tokens)
         result = _run_inline(spec) if inline else _run_launched(run, spec, args.launcher or "ray")
     except ConfigError as err:
         print(f"{err.kind}: {err}", file=sys.stderr)

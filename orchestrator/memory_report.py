@@ -10,6 +10,7 @@ per-worker budget is for the user to state.
 from __future__ import annotations
 
 from engine.planner.devices import DEVICES, GB
+from engine.planner.eval_memory import estimate_eval_memory
 from engine.planner.memory import MemoryEstimate, RoleMemory, estimate_memory
 
 from .config import ConfigError, RunConfig
@@ -57,7 +58,7 @@ def memory_json(run: RunConfig, world: int) -> dict:
     return {"ranks": [r.as_dict() for r in est.ranks], "device_bytes": budget, "device": what}
 
 
-def _advice(term: str, role: RoleMemory, run: RunConfig) -> str:
+def _advice(term: str, role: RoleMemory, run: RunConfig, forward_only: bool = False) -> str:
     train, p = run.train, run.schema.parallel
     experts_dominate = role.param_count.expert > role.param_count.dense
     if term == "optimizer" and not train.zero1:
@@ -68,7 +69,7 @@ def _advice(term: str, role: RoleMemory, run: RunConfig) -> str:
                     f"weights per rank, or parallel.pp (now {p.pp})")
         return f"raise parallel.tp (now {p.tp}) or parallel.pp (now {p.pp})"
     options = []
-    if train.recompute != "full":
+    if train.recompute != "full" and not forward_only:   # a forward keeps nothing to recompute
         options.append("set train.recompute=full")
     if train.micro_batch_size > 1:
         options.append(f"lower train.micro_batch_size (now {train.micro_batch_size})")
@@ -79,15 +80,24 @@ def _advice(term: str, role: RoleMemory, run: RunConfig) -> str:
 def check_fits(run: RunConfig) -> None:
     """Raises ConfigError when a role's predicted memory exceeds the device, for every
     world size the run may get (elastic runs: each of [min, max])."""
-    budget, what = device_budget(run)
-    if budget is None:
-        return
     for world in run.world_sizes:
-        peak = estimate(run, world).peak
-        if peak.total <= budget:
-            continue
-        term, size = max(peak.terms().items(), key=lambda kv: kv[1])
-        raise ConfigError(
-            f"memory: {peak.role} needs {_gb(peak.total)} GB per worker at world size {world}, more "
-            f"than the {_gb(budget)} GB of {what}; largest term: {term} {_gb(size)} GB: "
-            f"{_advice(term, peak, run)}")
+        _refuse_above_budget(run, world, estimate(run, world).peak, forward_only=False)
+
+
+def check_eval_fits(run: RunConfig, world: int) -> None:
+    """The same for `foldmoe eval` at `world` workers: the weights and forwards alone
+    (engine/planner/eval_memory.py)."""
+    peak = estimate_eval_memory(run.model, run.parallel(world), run.train).peak
+    _refuse_above_budget(run, world, peak, forward_only=True)
+
+
+def _refuse_above_budget(run: RunConfig, world: int, peak: RoleMemory, forward_only: bool) -> None:
+    budget, what = device_budget(run)
+    if budget is None or peak.total <= budget:
+        return
+    term, size = max(peak.terms().items(), key=lambda kv: kv[1])
+    task = "eval " if forward_only else ""
+    raise ConfigError(
+        f"memory: {task}{peak.role} needs {_gb(peak.total)} GB per worker at world size {world}, more "
+        f"than the {_gb(budget)} GB of {what}; largest term: {term} {_gb(size)} GB: "
+        f"{_advice(term, peak, run, forward_only)}")

@@ -250,10 +250,10 @@ def estimate_memory(cfg: ModelConfig, p: ParallelConfig, train: TrainConfig, *,
     return MemoryEstimate(ranks)
 
 
-def layer_figures(cfg: ModelConfig, p: ParallelConfig, train: TrainConfig) -> _LayerFigures:
-    """The expected-routing figures of a layout: they depend on tp, cp, ep, etp, the
-    micro-batch size and recompute only, so the planner computes them once per such key."""
-    return _LayerFigures(cfg, p, train, dispatch_rows(cfg, p, _microbatch(p, train).sp_tokens, worst=False))
+def layer_figures(cfg: ModelConfig, p: ParallelConfig, train: TrainConfig, worst: bool = False) -> _LayerFigures:
+    """The expected-routing (or worst-case) figures of a layout: they depend on tp, cp, ep,
+    etp, the micro-batch size and recompute only, so the planner computes them once per such key."""
+    return _LayerFigures(cfg, p, train, dispatch_rows(cfg, p, _microbatch(p, train).sp_tokens, worst=worst))
 
 
 def representative_ranks(rank_kinds: tuple[tuple[ChunkKinds, ...], ...]) -> list[int]:

@@ -154,3 +154,29 @@ def test_eval_builds_no_optimizer(models, rows_file, tmp_path, capsys, monkeypat
     path, rows = rows_file
     assert main(["eval", write_config(tmp_path / "c.yaml", model_dir), "--tokens", path, "--json"]) == 0
     assert_close(last_json(capsys.readouterr().out)["loss"], hf_token_loss(model, rows), "mixtral")
+
+
+def test_eval_is_checked_against_device_memory(models, rows_file, tmp_path, capsys):
+    """The eval memory model (weights and forwards alone) refuses in one line what cannot
+    fit, before data or weights are read, and accepts a budget training could not run in."""
+    from engine.planner.eval_memory import estimate_eval_memory
+    from orchestrator.config import load_config
+    from orchestrator.memory_report import estimate
+
+    model_dir, model = models["mixtral"]
+    config = write_config(tmp_path / "c.yaml", model_dir)
+    run = load_config(config, [])
+    evaluating = estimate_eval_memory(run.model, run.parallel(1), run.train).peak.total
+    training = estimate(run, 1).peak.total
+    assert evaluating < training / 2
+    between = f"cluster.device_memory_gb={(evaluating + training) / 2 / 1e9:.9f}"
+    path, rows = rows_file
+    assert main(["eval", config, "--tokens", path, "--json", "--set", between]) == 0
+    assert_close(last_json(capsys.readouterr().out)["loss"], hf_token_loss(model, rows), "mixtral")
+    assert main(["validate", config, "--set", between]) == 2      # training would not fit
+    assert "config error: memory: stage 0" in capsys.readouterr().err
+    below = f"cluster.device_memory_gb={evaluating / 2 / 1e9:.9f}"
+    assert main(["eval", config, "--tokens", path, "--set", below]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("config error: memory: eval stage 0 (first+last) needs "), err
+    assert "at world size 1" in err and "largest term:" in err and "recompute" not in err and "\n" not in err
