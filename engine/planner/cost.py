@@ -109,8 +109,44 @@ def _gemm(m: float, k: float, n: float, e: int, mach: Machine) -> float:
     return max(2 * m * k * n / (mach.gemm_rate * shape_eff), e * (m * k + k * n + m * n) / mach.memory_rate)
 
 
-def _swiglu(m: float, h: int, f: int, e: int, mach: Machine) -> float:
-    return 2 * _gemm(m, h, f, e, mach) + _gemm(m, f, h, e, mach)
+@dataclass(frozen=True)
+class Gemm:
+    """One GEMM shape of a layer: [m, k] x [k, n], `count` times (a grouped GEMM's local
+    experts)."""
+    name: str
+    m: float
+    k: int
+    n: int
+    count: int = 1
+
+    def forward_s(self, e: int, mach: Machine) -> float:
+        return self.count * _gemm(self.m, self.k, self.n, e, mach)
+
+
+def _swiglu(name: str, m: float, h: int, f: int, count: int = 1) -> list[Gemm]:
+    return [Gemm(f"{name} gate", m, h, f, count), Gemm(f"{name} up", m, h, f, count),
+            Gemm(f"{name} down", m, f, h, count)]
+
+
+def layer_gemms(cfg: ModelConfig, is_moe: bool, p: ParallelConfig, train: TrainConfig) -> list[Gemm]:
+    """The GEMMs of one layer for one micro-batch on one rank (module docstring), forward."""
+    moe, h, d = cfg.moe, cfg.hidden_size, cfg.dim_head
+    mb = MicroBatchShape(train.micro_batch_size, train.seq_len // p.cp, p.tp, 2)
+    t, t_sp = mb.tokens, mb.sp_tokens
+    q_heads, kv_heads = cfg.num_heads // p.tp, local_kv_heads(cfg.num_kv_heads, p.tp)
+    out = [Gemm("qkv", t, h, (q_heads + 2 * kv_heads) * d), Gemm("attention out", t, q_heads * d, h)]
+    if not is_moe:
+        return out + _swiglu("ffn", t, h, cfg.ffn_hidden_size // p.tp)
+    local = moe.num_experts // p.ep
+    per_expert = dispatch_rows(cfg, p, t_sp, worst=False).at_experts / local
+    out += [Gemm("router", t_sp, h, moe.num_experts)]
+    out += _swiglu("experts", per_expert, h, moe.ffn_hidden_size // p.etp, local)
+    shared_f = moe.num_shared_experts * moe.shared_ffn_hidden_size // p.tp
+    return out + (_swiglu("shared", t, h, shared_f) if shared_f else [])
+
+
+def head_gemm(cfg: ModelConfig, p: ParallelConfig, train: TrainConfig) -> Gemm:
+    return Gemm("head", train.micro_batch_size * train.seq_len // p.cp, cfg.hidden_size, cfg.vocab_size // p.tp)
 
 
 def _layer(cfg: ModelConfig, is_moe: bool, p: ParallelConfig, train: TrainConfig, mach: Machine,
@@ -123,8 +159,7 @@ def _layer(cfg: ModelConfig, is_moe: bool, p: ParallelConfig, train: TrainConfig
     t, t_sp = mb.tokens, mb.sp_tokens
     q_heads, kv_heads = cfg.num_heads // p.tp, local_kv_heads(cfg.num_kv_heads, p.tp)
     rows = dispatch_rows(cfg, p, t_sp, worst=False)
-
-    proj = _gemm(t, h, (q_heads + 2 * kv_heads) * d, e, mach) + _gemm(t, q_heads * d, h, e, mach)
+    gemms = sum(g.forward_s(e, mach) for g in layer_gemms(cfg, is_moe, p, train))
     # Attention kernels lose efficiency on short blocks: the zigzag CP shards are pairs of
     # s/(2 cp)-token chunks, each computed against every K/V chunk in turn.
     block = s // (2 * p.cp) if p.cp > 1 else s
@@ -132,19 +167,13 @@ def _layer(cfg: ModelConfig, is_moe: bool, p: ParallelConfig, train: TrainConfig
     core = 2 * b * (s // p.cp) * s * q_heads * d / (mach.attention_rate * block_eff)
     shared_f = moe.num_shared_experts * moe.shared_ffn_hidden_size // p.tp
     if is_moe:
-        local = moe.num_experts // p.ep
-        per_expert = rows.at_experts / local
-        ffn = (_gemm(t_sp, h, moe.num_experts, e, mach)
-               + local * _swiglu(per_expert, h, moe.ffn_hidden_size // p.etp, e, mach)
-               + (_swiglu(t, h, shared_f, e, mach) if shared_f else 0.0))
         ops = OPS["moe_layer"] + (OPS["shared"] if shared_f else 0)
     else:
-        ffn = _swiglu(t, h, cfg.ffn_hidden_size // p.tp, e, mach)
         ops = OPS["dense_layer"]
     layer_id = kind_layer_id(cfg, is_moe)
     touched = layer_bytes(cfg, layer_id, mb, rows, p.etp, "none") + unkept_bytes(cfg, layer_id, mb, rows, p.etp)
     elementwise = c.elementwise_passes * touched / mach.memory_rate / 3   # forward share
-    forward = proj + core + ffn + elementwise
+    forward = gemms + core + elementwise
     redo = {"none": 0.0, "selective": core, "full": forward, "remat_aware": forward - core}[train.recompute]
     redo_share = redo / forward
     compute = c.compute_scale * (3 * forward + redo + ops * c.op_overhead_s * (1 + redo_share / 3))
@@ -190,7 +219,7 @@ def _ends(cfg: ModelConfig, p: ParallelConfig, train: TrainConfig, mach: Machine
     tp = 2 * tp_each
     if last:
         loss = mach.constants.elementwise_passes * (e + 8) * t * vocab / mach.memory_rate
-        compute += 3 * _gemm(t, cfg.hidden_size, vocab, e, mach) + loss
+        compute += 3 * head_gemm(cfg, p, train).forward_s(e, mach) + loss
         if p.tp > 1:   # vocab-parallel cross-entropy: all-reduces of the row max, then (sum-exp, target)
             tp += (LOSS_ALL_REDUCES * mach.constants.collective_latency_s
                    + mach.link.ring_time(2 * tp_collective_bytes(t, 3, 4, p.tp), p.tp, 1))
