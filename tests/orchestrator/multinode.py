@@ -24,8 +24,8 @@ NODES, CPUS_PER_NODE = 2, 2
 class RayNodes:
     """Talks to the cluster process: remove() and add() a worker node."""
 
-    def __init__(self, proc: subprocess.Popen, auth: dict[str, str]):
-        self.proc, self.auth = proc, auth
+    def __init__(self, proc: subprocess.Popen, auth: dict[str, str], log_path: str):
+        self.proc, self.auth, self.log_path = proc, auth, log_path
         self._lock = threading.Lock()
         self.info = self._answer(timeout_s=180)
 
@@ -35,8 +35,17 @@ class RayNodes:
         reader.start()
         reader.join(timeout_s)
         if not line or not line[0]:
-            raise RuntimeError(f"the Ray cluster process did not answer in {timeout_s:.0f} s")
+            state = "running" if self.proc.poll() is None else f"exited {self.proc.returncode}"
+            raise RuntimeError(f"the Ray cluster process did not answer in {timeout_s:.0f} s ({state}); "
+                               f"the end of its stderr: {self._log_tail()}")
         return json.loads(line[0])
+
+    def _log_tail(self, chars: int = 3000) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                return f.read()[-chars:].decode(errors="replace") or "(empty)"
+        except OSError as err:
+            return f"(unreadable: {err})"
 
     def _command(self, command: str) -> dict:
         with self._lock:
@@ -64,14 +73,15 @@ class RayNodes:
 def ray_nodes():
     auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
     temp_dir = tempfile.mkdtemp(prefix="rayn", dir="/tmp")   # short: unix socket path limit
-    log = open(os.path.join(temp_dir, "cluster.log"), "wb")
+    log_path = os.path.join(temp_dir, "cluster.log")
+    log = open(log_path, "wb")
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "tests" / "orchestrator" / "ray_nodes.py"), temp_dir,
          str(NODES), str(CPUS_PER_NODE)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True, env=cli_env(**auth),
         start_new_session=True)
     try:
-        yield RayNodes(proc, auth)
+        yield RayNodes(proc, auth, log_path)
     finally:
         try:
             proc.stdin.write("quit\n")
