@@ -13,7 +13,8 @@ Per PP rank (all ranks of one stage hold the same shapes):
   memory: one layer re-materialised under full / remat-aware recompute (with the token
   exchange buffers of a MoE layer; without recompute those buffers alone), or the head's
   logits and the two fp32 gradients of the loss backward on the last stage (whichever is
-  larger: the loss backward ends before the first layer is re-run). The optimizer
+  larger: the loss backward ends before the first layer is re-run), and at pp > 1 the
+  receive buffers posted one compute ahead (an input, a gradient, or both). The optimizer
   step runs after the activations are freed; its working memory (`optimizer_step_bytes`)
   is the grad-norm's fp64 copy of one bucket and AdamW's temporaries. The activation
   term is the larger of the two peaks.
@@ -188,7 +189,11 @@ def _activations(figures: _LayerFigures, p, train, kinds: tuple[ChunkKinds, ...]
     summary = summary or summarize(kinds)
     if summary.moe:
         dispatcher += figures.exchange
-    working = figures.working(summary)
+    # The receives posted one compute ahead (engine/pipeline/schedules.py `_with_comm`) are
+    # allocated already: the next forward's input (a chunk after the first) and the next
+    # backward's gradient (a chunk before the last).
+    receives = any(not k.first for k in kinds) + any(not k.last for k in kinds) if p.pp > 1 else 0
+    working = figures.working(summary) + receives * figures.chunk_output
     return saved + working, dispatcher, {"saved": saved, "working": working}
 
 
