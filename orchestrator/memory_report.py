@@ -80,6 +80,8 @@ def _advice(term: str, role: RoleMemory, run: RunConfig, forward_only: bool = Fa
 def check_fits(run: RunConfig) -> None:
     """Raises ConfigError when a role's predicted memory exceeds the device, for every
     world size the run may get (elastic runs: each of [min, max])."""
+    if device_budget(run)[0] is None:
+        return
     for world in run.world_sizes:
         _refuse_above_budget(run, world, estimate(run, world).peak, forward_only=False)
 
@@ -87,13 +89,15 @@ def check_fits(run: RunConfig) -> None:
 def check_eval_fits(run: RunConfig, world: int) -> None:
     """The same for `foldmoe eval` at `world` workers: the weights and forwards alone
     (engine/planner/eval_memory.py)."""
+    if device_budget(run)[0] is None:
+        return
     peak = estimate_eval_memory(run.model, run.parallel(world), run.train).peak
     _refuse_above_budget(run, world, peak, forward_only=True)
 
 
 def _refuse_above_budget(run: RunConfig, world: int, peak: RoleMemory, forward_only: bool) -> None:
     budget, what = device_budget(run)
-    if budget is None or peak.total <= budget:
+    if peak.total <= budget:
         return
     term, size = max(peak.terms().items(), key=lambda kv: kv[1])
     task = "eval " if forward_only else ""
