@@ -101,7 +101,7 @@ def measure(args) -> dict:
                  "head": [head_gemm(cfg, row.parallel, train)]}
         entry = {"layout": _label(row), "rank": rows.index(row), "mfu": row.mfu, "parts": {}}
         for part, gemms in parts.items():
-            if part == "dense layer" and not any(not cfg.is_moe_layer(i) for i in range(cfg.num_layers)):
+            if part == "dense layer" and cfg.num_dense_layers == 0:
                 continue
             figures = [{"name": g.name, "m": g.m, "k": g.k, "n": g.n, "count": g.count,
                         "predicted_s": g.forward_s(e, mach), "measured_s": time_gemm(g, args.rounds, args.device)}
