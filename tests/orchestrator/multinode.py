@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 
 import pytest
 
@@ -33,10 +34,14 @@ class RayNodes:
         line: list[str] = []
         reader = threading.Thread(target=lambda: line.append(self.proc.stdout.readline()), daemon=True)
         reader.start()
-        reader.join(timeout_s)
+        # Ray's own processes inherit the pipe, so EOF does not come when ours exits: poll it.
+        deadline = time.monotonic() + timeout_s
+        while reader.is_alive() and time.monotonic() < deadline and self.proc.poll() is None:
+            reader.join(0.5)
+        reader.join(2.0)
         if not line or not line[0]:
             state = "running" if self.proc.poll() is None else f"exited {self.proc.returncode}"
-            raise RuntimeError(f"the Ray cluster process did not answer in {timeout_s:.0f} s ({state}); "
+            raise RuntimeError(f"the Ray cluster process gave no answer ({state}, {timeout_s:.0f} s allowed); "
                                f"the end of its stderr: {self._log_tail()}")
         return json.loads(line[0])
 

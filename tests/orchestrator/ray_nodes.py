@@ -18,6 +18,7 @@ The head has no CPUs: nothing of a job can be placed there but the driver-pinned
 from __future__ import annotations
 
 import json
+import os
 import socket
 import sys
 import time
@@ -34,6 +35,11 @@ def say(**fields) -> None:
 
 
 def main(temp_dir: str, nodes: int, cpus_per_node: int) -> None:
+    # Cluster.add_node writes the head's address to $RAY_TMPDIR/ray/ray_current_cluster (the
+    # host-wide /tmp/ray by default, which a fresh machine lacks): keep it in our temp dir, so
+    # it neither fails there nor repoints `ray.init()` of anyone else on the host.
+    os.environ["RAY_TMPDIR"] = temp_dir
+    os.makedirs(os.path.join(temp_dir, "ray"), exist_ok=True)
     from ray.cluster_utils import Cluster
 
     dashboard_port = free_port()
