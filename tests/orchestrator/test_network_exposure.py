@@ -25,7 +25,7 @@ def _ray_address_of(proc: psutil.Process) -> str | None:
 
 
 def test_embedded_ray_job_listens_on_loopback_only_and_is_pinned_to_its_gcs(tmp_path, data_cache):
-    overrides = job_overrides(tmp_path, data_cache, steps=25,
+    overrides = job_overrides(tmp_path, data_cache, steps=12,   # still running when inspected
                               extra=["cluster.num_workers=2", "parallel.tp=1", "parallel.ep=2",
                                      "tracking.enabled=false"])
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "train", TINY,

@@ -1,7 +1,7 @@
 """Ray Train V2 jobs on the session's local Ray: the tiny config on 4 CPU workers (its Ray
 metrics scraped from the node's Prometheus endpoint while it runs, and checked against
-the Grafana dashboard), and a worker killed from outside mid-run that must resume to
-bit-identical losses.
+the Grafana dashboard), and workers stopped and killed from outside mid-run that must resume
+to bit-identical losses.
 
 The driver runs in-process (the test is the driver), exactly as `foldmoe train` does."""
 from __future__ import annotations
@@ -104,99 +104,81 @@ def test_tiny_config_on_4_ray_train_workers(uninterrupted):
     assert len(pids) == 4
 
 
-def _kill_rank_after_checkpoint(tmp, rank: int, step: int, out: dict) -> None:
-    """From outside the job: SIGKILL `rank`'s process once checkpoint `step` is complete."""
-    manifest = tmp / "ckpt" / f"step{step:08d}" / "manifest.json"
+def _pid_of(tmp, rank: int) -> int:
+    (pid_file,) = list((tmp / "runs").glob(f"*/workers/rank{rank}.pid"))
+    pid = int(pid_file.read_text())
+    assert pid != os.getpid()
+    return pid
+
+
+def _sigterm_then_sigkill(tmp, out: dict) -> None:
+    """From outside the job: SIGTERM rank 2 (a preempted node, an evicted pod) once a step is
+    reported; once the next group runs and has written its next periodic checkpoint, SIGKILL
+    rank 1 (a crash: nothing saved beyond that checkpoint)."""
+    events = lambda: read_jsonl(next((tmp / "runs").glob("*/events.jsonl"), tmp / "none"))  # noqa: E731
     try:
+        wait_for(lambda: read_jsonl(tmp / "m.jsonl"), timeout=300, what="the first step")
+        os.kill(_pid_of(tmp, 2), signal.SIGTERM)
+        out["signal_time"] = time.time()
+        starts = wait_for(lambda: [e for e in events() if e["type"] == "start"][1:], timeout=300,
+                          what="the second worker group")
+        target = (starts[0]["resumed_from_step"] // EVERY + 1) * EVERY
+        assert target < STEPS - 1, f"the preemption saved step {starts[0]['resumed_from_step']}: too late"
+        manifest = tmp / "ckpt" / f"step{target:08d}" / "manifest.json"
         wait_for(manifest.exists, timeout=300, what=str(manifest))
-        (pid_file,) = wait_for(lambda: list((tmp / "runs").glob(f"*/workers/rank{rank}.pid")),
-                               timeout=30, what="pid file")
-        pid = int(pid_file.read_text())
-        assert pid != os.getpid()
-        os.kill(pid, signal.SIGKILL)
-        out["kill_time"], out["pid"] = time.time(), pid
+        os.kill(_pid_of(tmp, 1), signal.SIGKILL)
+        out["kill_time"], out["target"] = time.time(), target
     except BaseException as err:  # noqa: BLE001 - reported by the test
         out["error"] = err
 
 
-def test_killed_worker_restarts_and_resumes_bit_exact(uninterrupted, tmp_path, data_cache):
+def test_sigterm_then_sigkill_to_ray_workers_resume_bit_exact(uninterrupted, tmp_path, data_cache):
+    """One job, two disruptions, each answered by a new worker group:
+    - SIGTERM to a worker: Ray Train runs the loop in a thread, so the handler installed on
+      the worker actor's main thread (orchestrator/ray_callbacks.py PreemptionHandlers) turns
+      it into the stop vote; every rank saves that step, and the next group resumes there,
+      not at the newest periodic checkpoint (every 3 steps);
+    - SIGKILL to another worker of that group after its next periodic checkpoint: Ray Train
+      restarts the group (FailureConfig), which resumes at that checkpoint.
+    Every step then equals the uninterrupted run's loss exactly, and the restarts are
+    counted once each, in the summary, MLflow and the controller's events."""
     _, reference_result, reference, _ = uninterrupted
     assert reference_result.rc == 0
-    killed: dict = {}
-    killer = threading.Thread(target=_kill_rank_after_checkpoint,
-                              args=(tmp_path, 1, EVERY, killed), daemon=True)
-    killer.start()
-    result, records = _run_ray_job(tmp_path, data_cache)
-    killer.join(5)
-    assert "error" not in killed, killed.get("error")
-    assert result.rc == 0, result.error
-    assert "kill_time" in killed, "the job finished before the worker could be killed"
-
-    # Every step reported, before and after the restart, equals the uninterrupted run's
-    # loss exactly (CPU fp32, same layout: deterministic kernels and gloo reductions).
-    expected = {r["step"]: r["loss"] for r in reference}
-    assert sorted(last_per_step(records)) == list(range(STEPS))
-    mismatches = [(r["step"], r["loss"], expected[r["step"]]) for r in records
-                  if r["loss"] != expected[r["step"]]]
-    assert mismatches == []
-    after = [r for r in records if r["time"] > killed["kill_time"]]
-    assert after and all(r["restarts"] >= 1 for r in after)
-    assert after[0]["step"] <= records[-1]["step"]
-
-    client, run = only_run(f"sqlite:///{tmp_path / 'mlflow.db'}")   # the same single run
-    assert run.info.status == "FINISHED"
-    assert max(v for _, v in metric_steps(client, run.info.run_id, "cluster/restarts")) >= 1
-    # Honest accounting: restarts = worker-group starts - 1 (the controller saw each start).
-    summary = result.summary
-    assert (summary["restarts"], summary["group_starts"]) == (summary["group_starts"] - 1, 1 + summary["failures"])
-    assert summary["restarts"] >= 1
-    assert metric_steps(client, run.info.run_id, "job/restarts") == [(0, summary["restarts"])]
-    assert max(v for _, v in metric_steps(client, run.info.run_id, "cluster/restarts")) == summary["restarts"]
-    controller = read_jsonl(next((tmp_path / "runs").glob("*/controller.jsonl")))
-    assert [e["group"] for e in controller if e["type"] == "group_start"] == list(
-        range(1, summary["group_starts"] + 1))
-    print(f"\n[figures] recovery after kill (kill -> next completed step): "
-          f"{after[0]['time'] - killed['kill_time']:.1f}s; resumed at step {after[0]['step']}; "
-          f"time to first step {result.summary['time_to_first_step_s']:.1f}s")
-
-
-def _sigterm_rank_after_steps(tmp, rank: int, steps: int, out: dict) -> None:
-    """From outside the job: SIGTERM `rank`'s process (a preempted node, an evicted pod)
-    once `steps` steps are reported."""
-    try:
-        wait_for(lambda: len(read_jsonl(tmp / "m.jsonl")) >= steps if (tmp / "m.jsonl").exists()
-                 else False, timeout=300, what=f"{steps} steps")
-        (pid_file,) = list((tmp / "runs").glob(f"*/workers/rank{rank}.pid"))
-        os.kill(int(pid_file.read_text()), signal.SIGTERM)
-        out["signal_time"] = time.time()
-    except BaseException as err:  # noqa: BLE001 - reported by the test
-        out["error"] = err
-
-
-def test_sigterm_to_a_ray_worker_saves_the_step_in_progress(uninterrupted, tmp_path, data_cache):
-    """Ray Train runs the loop in a thread: the handler installed on the worker actor's main
-    thread (orchestrator/ray_callbacks.py PreemptionHandlers) turns the SIGTERM into the
-    stop vote, every rank saves that step, and the new group resumes there, not at the
-    newest periodic checkpoint (every 3 steps)."""
-    _, _, reference, _ = uninterrupted
-    signaled: dict = {}
-    thread = threading.Thread(target=_sigterm_rank_after_steps, args=(tmp_path, 2, 1, signaled),
-                              daemon=True)
+    disrupted: dict = {}
+    thread = threading.Thread(target=_sigterm_then_sigkill, args=(tmp_path, disrupted), daemon=True)
     thread.start()
     result, records = _run_ray_job(tmp_path, data_cache)
     thread.join(5)
-    assert "error" not in signaled, signaled.get("error")
+    assert "error" not in disrupted, disrupted.get("error")
     assert result.rc == 0, result.error
+    assert "kill_time" in disrupted, "the job finished before the worker could be killed"
+
     events = read_jsonl(next((tmp_path / "runs").glob("*/events.jsonl")))
     (preempted,) = [e for e in events if e["type"] == "step" and e.get("preempted")]
     saved_at = preempted["step"] + 1
     starts = [e["resumed_from_step"] for e in events if e["type"] == "start"]
-    assert starts == [None, saved_at], (starts, saved_at)
+    assert starts == [None, saved_at, disrupted["target"]], (starts, saved_at, disrupted)
+
+    # CPU fp32, same layout: deterministic kernels and gloo reductions, so every step
+    # reported (re-run ones too) equals the uninterrupted run's loss exactly.
     expected = {r["step"]: r["loss"] for r in reference}
     assert sorted(last_per_step(records)) == list(range(STEPS))
-    assert [r["step"] for r in records if r["loss"] != expected[r["step"]]] == []
+    assert [(r["step"], r["loss"]) for r in records if r["loss"] != expected[r["step"]]] == []
+    after = [r for r in records if r["time"] > disrupted["kill_time"]]
+    assert after and all(r["restarts"] == 2 for r in after)
+
+    client, run = only_run(f"sqlite:///{tmp_path / 'mlflow.db'}")   # the same single run
+    assert run.info.status == "FINISHED"
+    # Honest accounting: restarts = worker-group starts - 1 (the controller saw each start).
+    summary = result.summary
+    assert (summary["restarts"], summary["group_starts"], summary["failures"]) == (2, 3, 2), summary
+    assert metric_steps(client, run.info.run_id, "job/restarts") == [(0, 2)]
+    assert max(v for _, v in metric_steps(client, run.info.run_id, "cluster/restarts")) == 2
+    controller = read_jsonl(next((tmp_path / "runs").glob("*/controller.jsonl")))
+    assert [e["group"] for e in controller if e["type"] == "group_start"] == [1, 2, 3]
     print(f"\n[figures] ray worker SIGTERM at step {preempted['step']}: saved step {saved_at} in "
-          f"{preempted['checkpoint_stall_s']:.2f}s, resumed there")
+          f"{preempted['checkpoint_stall_s']:.2f}s, resumed there; SIGKILL after step "
+          f"{disrupted['target']}: kill -> next completed step {after[0]['time'] - disrupted['kill_time']:.1f}s")
 
 
 def test_sigterm_to_a_driver_connected_by_ray_address(ray_gcs_address, tmp_path, data_cache):
