@@ -101,7 +101,7 @@ def validate_command(run: RunConfig, as_json: bool) -> int:
 
 
 def plan_command(run: RunConfig, args: argparse.Namespace) -> int:
-    from .planning import auto_gpu, parse_only, plan, plan_json, plan_text
+    from .planning import auto_gpu, no_layout_error, parse_only, plan, plan_json, plan_text
 
     if args.gpus < 1 or args.top < 0 or (args.gpus_per_node is not None and args.gpus_per_node < 1):
         raise ConfigError(f"--gpus={args.gpus} --top={args.top} --gpus-per-node={args.gpus_per_node}: "
@@ -117,10 +117,12 @@ def plan_command(run: RunConfig, args: argparse.Namespace) -> int:
                                    model=run.model, train=run.train)
         except CalibrationUnavailable as err:
             raise ConfigError(f"--calibrate --gpu {gpu}: {err}") from None
-    result = plan(run, args.gpus, gpu=gpu, gpus_per_node=per_node, only=parse_only(args.only),
-                  calibrated=calibrated)
+    only = parse_only(args.only)
+    result = plan(run, args.gpus, gpu=gpu, gpus_per_node=per_node, only=only, calibrated=calibrated)
     if args.json:
         print(plan_json(result, args.top))
+    elif not result.rows:
+        raise no_layout_error(run, args.gpus, result, only)     # no empty table before it
     else:
         if run.schema.parallel.auto:
             print(f"parallel.auto: micro-batch size {run.train.micro_batch_size} and recompute "
@@ -128,9 +130,7 @@ def plan_command(run: RunConfig, args: argparse.Namespace) -> int:
         print(plan_text(result, args.gpus, gpu if calibrated is None else f"{gpu} (calibrated)",
                         args.top), end="")
     if not result.rows:
-        raise ConfigError(f"plan: no folded layout of {args.gpus} GPUs fits "
-                          f"(searched {result.searched}); add GPUs, lower train.micro_batch_size "
-                          "or raise cluster.device_memory_gb")
+        raise no_layout_error(run, args.gpus, result, only)
     return 0
 
 

@@ -13,7 +13,8 @@ import json
 from engine.parallel.config import ParallelConfig
 from engine.planner.cost import CostConstants, Machine
 from engine.planner.devices import DEVICES, GB
-from engine.planner.search import DEGREE_KEYS, PlanResult, PlanRow, SearchSpace, search_layouts
+from engine.planner.search import (DEGREE_KEYS, PlanResult, PlanRow, SearchSpace, search_layouts,
+                                   why_no_candidate)
 
 from typing import TYPE_CHECKING
 
@@ -69,14 +70,30 @@ def search_space(run: RunConfig, only: dict) -> SearchSpace:
     return SearchSpace(only=only)
 
 
+def _layout_options(run: RunConfig) -> dict:
+    """The parallel settings that are not degrees: every candidate keeps the config's."""
+    p = run.schema.parallel
+    return {"sequence_parallel": p.sequence_parallel, "cp_mode": p.cp_mode, "cp_a2a_size": p.cp_a2a_size}
+
+
 def plan(run: RunConfig, gpus: int, *, gpu: str, gpus_per_node: int = DEFAULT_GPUS_PER_NODE,
          only: dict | None = None, calibrated: dict | None = None) -> PlanResult:
-    p = run.schema.parallel
-    options = {"sequence_parallel": p.sequence_parallel, "cp_mode": p.cp_mode, "cp_a2a_size": p.cp_a2a_size}
     return search_layouts(run.model, run.train, gpus, machine_for(gpu, gpus_per_node, calibrated),
                           memory_limit=memory_limit(run, gpu), dispatcher=run.schema.moe.dispatcher,
-                          space=search_space(run, only or {}), options=options,
+                          space=search_space(run, only or {}), options=_layout_options(run),
                           memory_device="cpu" if gpu == "cpu" else "cuda")
+
+
+def no_layout_error(run: RunConfig, gpus: int, result: PlanResult, only: dict | None = None,
+                    *, what: str = "plan", hint: str = "") -> ConfigError:
+    """The one line for a plan without rows: the rule or filter that left nothing to weigh,
+    else memory (the searched candidates did not fit)."""
+    reason = why_no_candidate(run.model, run.train, gpus, search_space(run, only or {}),
+                              _layout_options(run))
+    if reason is None:
+        reason = (f"no folded layout of {gpus} GPUs fits in memory (searched {result.searched}); add "
+                  "GPUs, lower train.micro_batch_size or raise cluster.device_memory_gb")
+    return ConfigError(f"{what}: {reason}{hint}")
 
 
 def auto_gpu(run: RunConfig) -> str:
@@ -99,8 +116,8 @@ def auto_layout(run: RunConfig, world_size: int) -> tuple[ParallelConfig, PlanRo
     if key not in _AUTO:
         result = plan(run, world_size, gpu=auto_gpu(run), gpus_per_node=auto_gpus_per_node(run, world_size))
         if not result.rows:
-            raise ConfigError(f"parallel.auto=true: no folded layout of {world_size} workers fits "
-                              f"(searched {result.searched}); see `foldmoe plan --gpus {world_size}`")
+            raise no_layout_error(run, world_size, result, what="parallel.auto=true",
+                                  hint=f"; see `foldmoe plan --gpus {world_size}`")
         _AUTO[key] = result.rows[0]
     row = _AUTO[key]
     return row.parallel, row

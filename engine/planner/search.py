@@ -200,3 +200,39 @@ def search_layouts(cfg: ModelConfig, train: TrainConfig, world: int, machine: Ma
                 break                     # a larger micro-batch needs more memory still
     rows.sort(key=lambda r: (r.step_time_s, r.memory_bytes))
     return PlanResult(searched, time.perf_counter() - start, time.process_time() - cpu_start, rows)
+
+
+def _degrees(p: ParallelConfig) -> dict:
+    return {"tp": p.tp, "cp": p.cp, "pp": p.pp, "vpp": p.vpp, "ep": p.ep, "etp": p.etp,
+            "dp": p.dp, "edp": p.edp}
+
+
+def why_no_candidate(cfg: ModelConfig, train: TrainConfig, world: int, space: SearchSpace,
+                     options: dict | None = None) -> str | None:
+    """Why a search with no row had nothing to weigh, or None when some candidate passed
+    every rule and filter (memory then ruled them all out). Run only after an empty
+    search, so the 1,024-GPU search pays nothing for it."""
+    valid = list(candidate_layouts(cfg, train, world, space, options))
+    if not valid:
+        return (f"no folded layout of {world} ranks is valid: each degree must divide what it "
+                f"splits (tp: {cfg.num_heads} heads, {cfg.num_kv_heads} kv heads, vocabulary "
+                f"{cfg.vocab_size}; tp x cp, x2 with cp: seq_len {train.seq_len}; pp: "
+                f"{cfg.num_layers} layers; ep: {cfg.moe.num_experts} experts; dp = {world}/(tp x cp x pp):"
+                f" global_batch_size {train.global_batch_size})")
+    wanted = {k: v for k, v in space.only.items() if k in DEGREE_KEYS}
+    matching = [p for p in valid if _matches(_degrees(p), wanted)]
+    if not matching:
+        allowed = "; ".join(f"{k} in {sorted({_degrees(p)[k] for p in valid})}" for k in wanted)
+        asked = ",".join(f"{k}={v}" for k, v in wanted.items())
+        return f"no valid layout of {world} ranks has {asked} (values valid layouts have: {allowed})"
+    sizes = [m for m in space.micro_batch_sizes if _matches({"micro_batch_size": m}, space.only)]
+    modes = [r for r in space.recompute if _matches({"recompute": r}, space.only)]
+    if not sizes or not modes:
+        return (f"the micro-batch sizes searched are {list(space.micro_batch_sizes)} and the "
+                f"recompute modes {list(space.recompute)}: none matches the filter")
+    if not any(_fits_microbatches(train, m, p) for p in matching for m in sizes):
+        return (f"train.global_batch_size={train.global_batch_size} is not a whole number of "
+                f"dp x micro_batch_size for any valid layout and micro-batch size {sizes} "
+                "(interleaved pipelines also need a multiple of pp micro-batches)")
+    return None
+

@@ -47,11 +47,15 @@ def test_plan_only_and_text_table(tmp_path):
 
 def test_plan_errors_exit_2_with_one_line(tmp_path):
     for args, expected in ((["--only", "tq=2"], "--only tq=2: expected key=value"),
-                           (["--set", "cluster.device_memory_gb=0.0001"], "plan: no folded layout of 8 GPUs fits"),
+                           (["--set", "cluster.device_memory_gb=0.0001"],
+                            "plan: no folded layout of 8 GPUs fits in memory"),
+                           (["--only", "tp=3"], "plan: no valid layout of 8 ranks has tp=3"),
+                           (["--gpus", "7"], "plan: no folded layout of 7 ranks is valid"),
                            (["--calibrate", "--gpu", "h100"], "--calibrate --gpu h100:")):
         out = _cli(["plan", TINY, "--gpus", "8", *args], tmp_path)
         assert out.returncode == 2, (args, out.stderr)
         assert out.stderr.strip().splitlines()[-1].startswith(f"config error: {expected}"), out.stderr
+        assert "TP CP PP" not in out.stdout, out.stdout        # no empty table before the error
 
 
 def test_validate_with_auto_shows_the_plans_first_row(tmp_path):
@@ -64,3 +68,6 @@ def test_validate_with_auto_shows_the_plans_first_row(tmp_path):
     assert len(groups["pp"][0]) == first["pp"] and len(groups["etp"][0]) == first["etp"]
     text = _cli(["validate", TINY, "--set", "parallel.auto=true"], tmp_path).stdout
     assert text.startswith("parallel.auto: the planner's first row for 4 workers")
+    seven = _cli(["validate", TINY, "--set", "parallel.auto=true", "--set", "cluster.num_workers=7"], tmp_path)
+    assert seven.returncode == 2 and seven.stderr.strip().splitlines()[-1].startswith(
+        "config error: parallel.auto=true: no folded layout of 7 ranks is valid"), seven.stderr

@@ -6,7 +6,7 @@ from engine.config.model import get_preset
 from engine.planner.cost import Machine, estimate_step
 from engine.planner.devices import DEVICES
 from engine.planner.memory import estimate_memory
-from engine.planner.search import RECOMPUTE_ORDER, SearchSpace, search_layouts
+from engine.planner.search import RECOMPUTE_ORDER, SearchSpace, search_layouts, why_no_candidate
 from engine.config.train import TrainConfig
 
 H100 = Machine(DEVICES["h100"], gpus_per_node=8)
@@ -111,3 +111,17 @@ def test_overlapped_param_gather_hides_behind_the_first_chunk_forwards():
     blocking = estimate_step(cfg, layout, train, H100).breakdown["dp"]
     overlapped = estimate_step(cfg, layout, replace(train, overlap_param_gather=True), H100).breakdown["dp"]
     assert 0 < overlapped < blocking
+
+
+def test_an_empty_search_names_the_rule_or_filter_that_left_nothing():
+    cfg = get_preset("tiny-moe")
+    why = lambda world, **space: why_no_candidate(cfg, TINY_TRAIN, world, SearchSpace(**space))  # noqa: E731
+    # 7 ranks: no degree divides 7 but dp = 7, which does not divide the global batch of 16
+    assert why(7).startswith("no folded layout of 7 ranks is valid: each degree must divide")
+    assert search_layouts(cfg, TINY_TRAIN, 7, H100, memory_limit=None).rows == []
+    assert why(8, only={"tp": "3"}) == "no valid layout of 8 ranks has tp=3 (values valid layouts have: tp in [1, 2, 4])"
+    assert why(8, only={"recompute": "most"}).endswith("none matches the filter")
+    # every layout of 8 ranks has dp >= 1 and 16 % (dp x 32) != 0 for a micro-batch of 32
+    assert why(8, micro_batch_sizes=(32,)).startswith("train.global_batch_size=16 is not a whole number")
+    # candidates there, filtered by memory only: the caller's memory line applies
+    assert why(8) is None and search_layouts(cfg, TINY_TRAIN, 8, H100, memory_limit=1).rows == []
