@@ -48,9 +48,7 @@ class PlanRow:
     breakdown: dict
 
     def degrees(self) -> dict:
-        p = self.parallel
-        return {"tp": p.tp, "cp": p.cp, "pp": p.pp, "vpp": p.vpp, "ep": p.ep, "etp": p.etp,
-                "dp": p.dp, "edp": p.edp}
+        return _degrees(self.parallel)
 
     def as_dict(self) -> dict:
         return {**self.degrees(), "micro_batch_size": self.micro_batch_size,
@@ -119,6 +117,11 @@ def candidate_layouts(cfg: ModelConfig, train: TrainConfig, world: int, space: S
                             yield p
 
 
+def _degrees(p: ParallelConfig) -> dict:
+    return {"tp": p.tp, "cp": p.cp, "pp": p.pp, "vpp": p.vpp, "ep": p.ep, "etp": p.etp,
+            "dp": p.dp, "edp": p.edp}
+
+
 def _matches(row: dict, only: dict) -> bool:
     return all(str(row[k]) == str(v) for k, v in only.items() if k in row)
 
@@ -170,8 +173,7 @@ def search_layouts(cfg: ModelConfig, train: TrainConfig, world: int, machine: Ma
     start, cpu_start = time.perf_counter(), time.process_time()
     caches, rows, searched = _Caches(cfg, train), [], 0
     for p in candidate_layouts(cfg, train, world, space, options):
-        if not _matches({"tp": p.tp, "cp": p.cp, "pp": p.pp, "vpp": p.vpp, "ep": p.ep, "etp": p.etp,
-                         "dp": p.dp, "edp": p.edp}, space.only):
+        if not _matches(_degrees(p), space.only):
             continue
         ranks = caches.representative(p)
         states = rank_states(p, train, ranks, memory_device)
@@ -202,11 +204,6 @@ def search_layouts(cfg: ModelConfig, train: TrainConfig, world: int, machine: Ma
     return PlanResult(searched, time.perf_counter() - start, time.process_time() - cpu_start, rows)
 
 
-def _degrees(p: ParallelConfig) -> dict:
-    return {"tp": p.tp, "cp": p.cp, "pp": p.pp, "vpp": p.vpp, "ep": p.ep, "etp": p.etp,
-            "dp": p.dp, "edp": p.edp}
-
-
 def why_no_candidate(cfg: ModelConfig, train: TrainConfig, world: int, space: SearchSpace,
                      options: dict | None = None) -> str | None:
     """Why a search with no row had nothing to weigh, or None when some candidate passed
@@ -235,4 +232,3 @@ def why_no_candidate(cfg: ModelConfig, train: TrainConfig, world: int, space: Se
                 f"dp x micro_batch_size for any valid layout and micro-batch size {sizes} "
                 "(interleaved pipelines also need a multiple of pp micro-batches)")
     return None
-
