@@ -72,6 +72,7 @@ class JobObserver:
         self._started_once = False
         self._first_step_of_group = True
         self._accounting_logged = False
+        self._preempted_save: int | None = None     # the step a preempted group saved
 
     def handle(self, event: dict) -> None:
         kind = event.get("type")
@@ -96,7 +97,12 @@ class JobObserver:
             self.stats.failures.append(event)
             self.stats.groups.failure(event)     # recovery_s: from the first failure of an outage
             self.progress.end_phase()
-            self.progress.note(f"worker group failed (failure {len(self.accounting.failures)}: "
+            # A preempted group saved its step before exiting: Ray sees the exit as a failure
+            # (a failed health check), which would read like a crash.
+            what = (f"worker group preempted: a worker got SIGTERM and every rank saved step "
+                    f"{self._preempted_save}" if self._preempted_save is not None else "worker group failed")
+            self._preempted_save = None
+            self.progress.note(f"{what} (failure {len(self.accounting.failures)}: "
                                f"{event.get('error', '?')}); restarting from the newest "
                                "checkpoint that verifies")
             self.progress.phase("restart: place workers", started=event.get("time"))
@@ -222,6 +228,8 @@ class JobObserver:
             s.steady_tokens_per_s.append(float(record["tokens_per_s"]))
             s.steady_mfu.append(float(record.get("mfu", 0.0)))
         self._first_step_of_group = False
+        if record.get("preempted"):
+            self._preempted_save = record["step"] + 1     # workers/loop.py saves step + 1
         self._on_group_first_step(record)
         # The driver's count (every group start), not the worker's (groups it saw come up).
         record["restarts"] = self.accounting.restarts

@@ -143,3 +143,21 @@ def test_phases_print_their_elapsed_time_and_a_heartbeat(capsys, monkeypatch):
     assert capsys.readouterr().out.splitlines() == [
         "place workers ...", "still place workers after 31 s (4 CPU needed, 2 free)",
         "  place workers: 31.0 s", "first step ...", "  first step: 9.5 s"]
+
+
+def test_a_preempted_group_is_not_reported_as_a_crash(capsys):
+    obs = JobObserver(total_steps=4, tracker=None, progress=ProgressDisplay(4, live=False),
+                      metrics_jsonl=None, layout_groups=lambda world: {}, driver_start=90.0)
+    health = "WorkerHealthCheckFailedError: A worker health check failed."
+    for event in [START, dict(_step(0, 5.0, 104.0), preempted=True),
+                  {"type": "failure", "time": 106.0, "error": health},
+                  dict(START, resumed_from_step=1, time=120.0), _step(1, 4.0, 121.0),
+                  {"type": "failure", "time": 122.0, "error": "RuntimeError: connection reset"}]:
+        obs.handle(event)
+    notes = [line for line in capsys.readouterr().out.splitlines()
+             if line.startswith("worker group ") and "(failure " in line]
+    assert notes == [
+        f"worker group preempted: a worker got SIGTERM and every rank saved step 1 (failure 1: {health}); "
+        "restarting from the newest checkpoint that verifies",
+        "worker group failed (failure 2: RuntimeError: connection reset); restarting from the newest "
+        "checkpoint that verifies"]
