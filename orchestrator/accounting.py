@@ -67,7 +67,18 @@ class Accounting:
 
     def on_failure(self, event: dict) -> None:
         self.failures.append({k: v for k, v in event.items() if k != "type"})
-        self._pending_cause = f"failure {len(self.failures)}: {event.get('error', '?')}"
+        self._pending_cause = self.failure_cause
+
+    @property
+    def failure_cause(self) -> str:
+        """The newest failure in words: a preempted group's (every rank saved a step, then
+        exited) names the step, not only what Ray saw."""
+        event = self.failures[-1]
+        saved = event.get("preempted_step")
+        if saved is None:
+            return f"failure {len(self.failures)}: {event.get('error', '?')}"
+        return (f"failure {len(self.failures)}: preempted, a worker got SIGTERM and every rank "
+                f"saved step {saved}; the launcher saw {event.get('error', '?')}")
 
     def current(self) -> GroupRecord:
         if not self.groups:     # an event before any "placed" (a worker of an older version)

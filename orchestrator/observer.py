@@ -93,18 +93,18 @@ class JobObserver:
         elif kind in ("hang", "straggler"):
             self._on_fault(event)
         elif kind == "failure":
+            if self._preempted_save is not None:
+                # A preempted group saved its step before exiting: Ray sees the exit as a
+                # failure (a failed health check), which would read like a crash.
+                event = {**event, "preempted_step": self._preempted_save}
+                self._preempted_save = None
             self.accounting.on_failure(event)
             self.stats.failures.append(event)
             self.stats.groups.failure(event)     # recovery_s: from the first failure of an outage
             self.progress.end_phase()
-            # A preempted group saved its step before exiting: Ray sees the exit as a failure
-            # (a failed health check), which would read like a crash.
-            what = (f"worker group preempted: a worker got SIGTERM and every rank saved step "
-                    f"{self._preempted_save}" if self._preempted_save is not None else "worker group failed")
-            self._preempted_save = None
-            self.progress.note(f"{what} (failure {len(self.accounting.failures)}: "
-                               f"{event.get('error', '?')}); restarting from the newest "
-                               "checkpoint that verifies")
+            what = "preempted" if "preempted_step" in event else "failed"
+            self.progress.note(f"worker group {what} ({self.accounting.failure_cause}); restarting "
+                               "from the newest checkpoint that verifies")
             self.progress.phase("restart: place workers", started=event.get("time"))
 
         elif kind == "resize":

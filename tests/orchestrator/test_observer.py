@@ -154,10 +154,13 @@ def test_a_preempted_group_is_not_reported_as_a_crash(capsys):
                   dict(START, resumed_from_step=1, time=120.0), _step(1, 4.0, 121.0),
                   {"type": "failure", "time": 122.0, "error": "RuntimeError: connection reset"}]:
         obs.handle(event)
-    notes = [line for line in capsys.readouterr().out.splitlines()
-             if line.startswith("worker group ") and "(failure " in line]
+    notes = [line.split(": world size")[0] for line in capsys.readouterr().out.splitlines()
+             if line.startswith("worker group ") and "failure " in line]
+    preempted = ("failure 1: preempted, a worker got SIGTERM and every rank saved step 1; "
+                 f"the launcher saw {health}")
     assert notes == [
-        f"worker group preempted: a worker got SIGTERM and every rank saved step 1 (failure 1: {health}); "
-        "restarting from the newest checkpoint that verifies",
+        f"worker group preempted ({preempted}); restarting from the newest checkpoint that verifies",
+        f"worker group 2 up (restart 1, after {preempted})",
         "worker group failed (failure 2: RuntimeError: connection reset); restarting from the newest "
         "checkpoint that verifies"]
+    assert obs.accounting.failures[0]["preempted_step"] == 1 and "preempted_step" not in obs.accounting.failures[1]
