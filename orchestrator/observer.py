@@ -161,6 +161,7 @@ class JobObserver:
                            f"({event['peak_flops_source']})")
         self.progress.phase("first step", started=event["time"])
         self._first_step_of_group = True
+        self._preempted_save = None      # a new group: an older group's save is not its cause
         self.stats.world_size = event["world_size"]
         self.stats.start_info = event
         if not self._started_once:
