@@ -78,17 +78,20 @@ class Trainer:
         if self.executor is not None:
             self._enter("forward_backward")      # interleaved by the pipeline schedule
             losses = self.executor.run([mb.as_dict() for mb in microbatches])
-            return sum((l for l in losses if l is not None), torch.zeros(()))
+            return sum((l.float() for l in losses if l is not None), self._zero_loss())
         (chunk,) = self.chunks
-        total = torch.zeros(())
+        total = self._zero_loss()
         for mb in microbatches:
             self._enter("forward")
             logits = chunk(mb.inputs, mb.positions)
             loss = self.loss_fn(logits, mb.as_dict())
             self._enter("backward")
             loss.backward()
-            total += loss.detach().float().cpu()
+            total += loss.detach().float()    # on the device: no host read per micro-batch
         return total
+
+    def _zero_loss(self) -> torch.Tensor:
+        return torch.zeros((), dtype=torch.float32, device=self.device)
 
     def train_step(self, step: int, global_tokens: torch.Tensor,
                    stop_requested: Callable[[], bool] | None = None) -> dict[str, float]:
