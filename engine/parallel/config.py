@@ -62,6 +62,13 @@ class ParallelConfig:
     def edp(self) -> int:
         return self.world_size // (self.etp * self.ep * self.pp)
 
+    @property
+    def cp_a2a_group_size(self) -> int:
+        """Ranks of each CP all-to-all group: 1 for the ring, cp for a2a, cp_a2a_size for hybrid."""
+        if self.cp == 1:
+            return 1
+        return {"ring": 1, "a2a": self.cp}.get(self.cp_mode, self.cp_a2a_size)
+
     def validate_for_model(self, *, num_heads: int, num_kv_heads: int, num_experts: int,
                            num_layers: int, vocab_size: int | None = None) -> None:
         """Checks that need the model shape; raises LayoutError naming the key."""

@@ -21,6 +21,7 @@ in backward, which the caller adds once as working memory.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from engine.config.model import ModelConfig
@@ -38,6 +39,7 @@ class MicroBatchShape:
     seq_local: int        # s / cp
     tp: int
     act_bytes: int        # 2 bf16, 4 fp32
+    cp_a2a: int = 1       # ranks of the CP all-to-all (parallel.cp_mode a2a / hybrid), else 1
 
     @property
     def tokens(self) -> int:
@@ -71,7 +73,19 @@ def attention_bytes(cfg: ModelConfig, mb: MicroBatchShape, recompute: str) -> in
     if recompute == "selective":
         lse = 0                                                     # re-run by the core's checkpoint
     rope = FP32 * t * d                                             # cos, sin [t, d/2]
-    return norm_bytes(mb, cfg.hidden_size) + e * t * cfg.hidden_size + rope + qkv_out + lse
+    a2a = _a2a_extra(mb, q_heads, kv_heads, d) if recompute != "selective" else 0
+    return norm_bytes(mb, cfg.hidden_size) + e * t * cfg.hidden_size + rope + qkv_out + lse + a2a
+
+
+def _a2a_extra(mb: MicroBatchShape, q_heads: int, kv_heads: int, d: int) -> int:
+    """A CP all-to-all: the core keeps its head-sharded out and the output projection the
+    sequence-sharded one (one tensor without it), and k, v with their kv heads repeated
+    when the group has more ranks than kv heads (engine/context_parallel/ulysses.py).
+    Selective recompute keeps neither: its checkpoint holds the core's sequence-sharded inputs."""
+    if mb.cp_a2a == 1:
+        return 0
+    repeat = mb.cp_a2a // math.gcd(kv_heads, mb.cp_a2a)
+    return mb.act_bytes * mb.tokens * d * (q_heads + 2 * (repeat - 1) * kv_heads)
 
 
 def swiglu_bytes(mb: MicroBatchShape, hidden: int, ffn_local: int, *, with_input: bool = True) -> int:

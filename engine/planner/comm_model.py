@@ -70,16 +70,6 @@ def tp_collective_bytes(tokens: int, hidden: int, act_bytes: int, tp: int) -> fl
     return ring_gather_fraction(tp) * tokens * hidden * act_bytes
 
 
-def cp_ring_bytes(tokens: int, kv_heads: int, head_dim: int, cp: int, act_bytes: int) -> tuple[float, float]:
-    """(forward, backward) bytes one rank sends per layer (tokens = b·s/cp, kv heads of this
-    TP rank), as engine.context_parallel.volume.ring_bytes counts them."""
-    if cp == 1:
-        return 0.0, 0.0
-    message = 2 * tokens * kv_heads * head_dim                 # K and V elements
-    forward = (cp - 1) * message * act_bytes
-    return forward, forward + cp * message * 4
-
-
 def a2a_bytes(assigned_rows: int, hidden: int, act_bytes: int, ep: int, etp: int) -> float:
     """All-to-all dispatcher, one MoE layer, one pass: dispatch + combine over EP, and the
     ETP all-gather + reduce-scatter of the received rows."""

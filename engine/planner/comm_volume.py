@@ -9,9 +9,10 @@ from engine.config.model import ModelConfig
 from engine.parallel.config import ParallelConfig
 from engine.config.train import TrainConfig
 
-from .comm_model import a2a_bytes, allgather_dispatch_bytes, cp_ring_bytes, dp_bytes, tp_collective_bytes
+from .comm_model import a2a_bytes, allgather_dispatch_bytes, dp_bytes, tp_collective_bytes
+from .cp_traffic import cp_comm_bytes, cp_shape
 from .memory import dispatch_rows
-from .shards import local_kv_heads, rank_chunks, rank_params, summarize
+from .shards import rank_chunks, rank_params, summarize
 
 RECOMPUTED_FORWARD = {"none": set(), "selective": {"cp"}, "full": {"tp", "cp", "ep"},
                       "remat_aware": {"tp", "ep"}}   # collectives a recompute mode re-runs
@@ -36,7 +37,8 @@ def step_comm_bytes(cfg: ModelConfig, p: ParallelConfig, train: TrainConfig, pp_
     if summary.last and p.tp > 1:
         tp += 3 * t * 4 * (p.tp - 1) / p.tp * 2                       # vocab-parallel CE all-reduces
 
-    fwd, bwd = cp_ring_bytes(t, local_kv_heads(cfg.num_kv_heads, p.tp), cfg.dim_head, p.cp, e)
+    sent = cp_comm_bytes(cp_shape(cfg, p, train))
+    fwd, bwd = sent["a2a_fwd"] + sent["ring_fwd"], sent["a2a_bwd"] + sent["ring_bwd"]
     layers = summary.dense + summary.moe
     cp = layers * (fwd + bwd + (fwd if "cp" in redo else 0))
 

@@ -16,8 +16,9 @@ Communication (engine/planner/comm_model.py) is exposed as the engine runs it: T
 collectives are synchronous; PP p2p is too in 1F1B / GPipe, while the interleaved schedule
 hides each transfer behind the other compute of its (F, B) pair and exposes only the
 pipeline's fill and drain, 2 (pp·vpp - 1) transfers; the CP ring overlaps the attention
-blocks; the DP reduction overlaps the last micro-batch's backward when
-train.overlap_grad_reduce.
+blocks, the CP all-to-all (cp_mode a2a, hybrid) is synchronous, and the CP core's own
+copies and fp32 merges count at HBM speed (engine/planner/cp_traffic.py); the DP
+reduction overlaps the last micro-batch's backward when train.overlap_grad_reduce.
 Step = m·(slowest stage per micro-batch) + bubble + exposed DP + optimizer update, the
 bubble (sum of the other stages' times per micro-batch)/vpp: (pp - 1)/vpp micro-batch
 times for balanced stages (Narayanan et al. 2021), less when the stages are not.
@@ -32,8 +33,8 @@ from engine.parallel.config import ParallelConfig
 from engine.config.train import TrainConfig
 
 from .activations import MicroBatchShape, layer_bytes, unkept_bytes
-from .comm_model import (Link, a2a_bytes, allgather_dispatch_bytes, cp_ring_bytes, dp_bytes,
-                         tp_collective_bytes)
+from .comm_model import Link, a2a_bytes, allgather_dispatch_bytes, dp_bytes, tp_collective_bytes
+from .cp_traffic import CpShape, cp_comm_bytes, cp_hbm_bytes, cp_shape
 from .devices import Device
 from .memory import RankInfo, dispatch_rows, owned_elements, rank_infos
 from .shards import kind_layer_id, local_kv_heads
@@ -157,13 +158,13 @@ def _layer(cfg: ModelConfig, is_moe: bool, p: ParallelConfig, train: TrainConfig
     b, s = train.micro_batch_size, train.seq_len
     mb = MicroBatchShape(b, s // p.cp, p.tp, e)
     t, t_sp = mb.tokens, mb.sp_tokens
-    q_heads, kv_heads = cfg.num_heads // p.tp, local_kv_heads(cfg.num_kv_heads, p.tp)
+    q_heads = cfg.num_heads // p.tp
     rows = dispatch_rows(cfg, p, t_sp, worst=False)
     gemms = sum(g.forward_s(e, mach) for g in layer_gemms(cfg, is_moe, p, train))
-    # Attention kernels lose efficiency on short blocks: the zigzag CP shards are pairs of
-    # s/(2 cp)-token chunks, each computed against every K/V chunk in turn.
-    block = s // (2 * p.cp) if p.cp > 1 else s
-    block_eff = block / (block + c.attention_half_block)
+    # Attention kernels lose efficiency on short blocks: a CP ring computes pairs of
+    # s/(2 ring)-token zigzag chunks, each against every K/V chunk in turn.
+    cp_core = cp_shape(cfg, p, train)
+    block_eff = cp_core.block_tokens / (cp_core.block_tokens + c.attention_half_block)
     core = 2 * b * (s // p.cp) * s * q_heads * d / (mach.attention_rate * block_eff)
     shared_f = moe.num_shared_experts * moe.shared_ffn_hidden_size // p.tp
     if is_moe:
@@ -173,10 +174,14 @@ def _layer(cfg: ModelConfig, is_moe: bool, p: ParallelConfig, train: TrainConfig
     layer_id = kind_layer_id(cfg, is_moe)
     touched = layer_bytes(cfg, layer_id, mb, rows, p.etp, "none") + unkept_bytes(cfg, layer_id, mb, rows, p.etp)
     elementwise = c.elementwise_passes * touched / mach.memory_rate / 3   # forward share
+    # The CP core's own copies, fp32 merges and accumulators (engine/planner/cp_traffic.py).
+    cp_fwd, cp_bwd = (n / mach.memory_rate for n in cp_hbm_bytes(cp_core))
     forward = gemms + core + elementwise
-    redo = {"none": 0.0, "selective": core, "full": forward, "remat_aware": forward - core}[train.recompute]
+    redo = {"none": 0.0, "selective": core + cp_fwd, "full": forward + cp_fwd,
+            "remat_aware": forward - core}[train.recompute]
     redo_share = redo / forward
-    compute = c.compute_scale * (3 * forward + redo + ops * c.op_overhead_s * (1 + redo_share / 3))
+    compute = c.compute_scale * (3 * forward + cp_fwd + cp_bwd + redo
+                                 + ops * c.op_overhead_s * (1 + redo_share / 3))
 
     link, lat = mach.link, c.collective_latency_s
     tp_collectives = 2 + (2 if (not is_moe or shared_f) else 0)      # forward
@@ -184,12 +189,7 @@ def _layer(cfg: ModelConfig, is_moe: bool, p: ParallelConfig, train: TrainConfig
     tp_redo = tp_collectives if train.recompute in ("full", "remat_aware") else 0
     tp = (2 * tp_collectives + tp_redo) * tp_each
 
-    cp = 0.0
-    if p.cp > 1:
-        fwd_bytes, bwd_bytes = cp_ring_bytes(t, kv_heads, d, p.cp, e)
-        ring_redo = fwd_bytes if train.recompute in ("selective", "full") else 0.0
-        ring = link.ring_time(fwd_bytes + bwd_bytes + ring_redo, p.cp, p.tp) + 2 * (p.cp - 1) * lat
-        cp = max(0.0, ring - 3 * core) + 2 * (p.cp - 1) * lat    # overlapped with the blocks
+    cp = _cp_exposed(cp_core, p, train.recompute, core, mach) if p.cp > 1 else 0.0
 
     ep = 0.0
     if is_moe and p.ep * p.etp > 1:
@@ -205,6 +205,27 @@ def _layer(cfg: ModelConfig, is_moe: bool, p: ParallelConfig, train: TrainConfig
                         + 3 * lat + 2 * (p.ep - 1) * c.a2a_peer_latency_s)
         ep = passes * per_pass
     return {"compute": compute, "tp": tp, "cp": cp, "ep": ep}
+
+
+def _cp_exposed(shape: CpShape, p: ParallelConfig, recompute: str, core: float, mach: Machine) -> float:
+    """Exposed CP communication of one layer and micro-batch: the ring overlaps the attention
+    blocks (all but its hop latencies hidden while it is shorter); the all-to-alls before and
+    after the core are synchronous. A ring of a2a groups strides over tp x P ranks."""
+    c, link, lat = mach.constants, mach.link, mach.constants.collective_latency_s
+    sent = cp_comm_bytes(shape)
+    redone = recompute in ("selective", "full")     # these re-run the core with its exchanges
+    exposed = 0.0
+    r, a2a = shape.ring_size, shape.a2a_size
+    if r > 1:
+        nbytes = sent["ring_fwd"] + sent["ring_bwd"] + (sent["ring_fwd"] if redone else 0.0)
+        ring = link.ring_time(nbytes, r, p.tp * a2a) + 2 * (r - 1) * lat
+        exposed += max(0.0, ring - 3 * core) + 2 * (r - 1) * lat
+    if a2a > 1:
+        passes = 2 + (1 if redone else 0)                # each: q/k/v there, out back
+        per_pass = (link.a2a_time(sent["a2a_fwd"], a2a, p.tp)
+                    + 2 * (lat + (a2a - 1) * c.a2a_peer_latency_s))
+        exposed += passes * per_pass
+    return exposed
 
 
 def _ends(cfg: ModelConfig, p: ParallelConfig, train: TrainConfig, mach: Machine, last: bool) -> dict:
@@ -272,7 +293,7 @@ def stage_times(cfg, p, train, mach, dispatcher, cache: dict | None = None,
                 ranks: list[RankInfo] | None = None) -> dict[int, dict]:
     """Seconds per micro-batch, by part, of the representative PP ranks (the first rank of
     each distinct chunk composition: a stage's time depends on its chunks only)."""
-    key = (p.tp, p.cp, p.ep, p.etp, train.micro_batch_size, train.recompute)
+    key = (p.tp, p.cp, p.cp_a2a_group_size, p.ep, p.etp, train.micro_batch_size, train.recompute)
     layer = {k: _memo(cache, ("layer", k) + key, lambda k=k: _layer(cfg, k, p, train, mach, dispatcher))
              for k in (False, True)}
     first = _memo(cache, ("first",) + key, lambda: _ends(cfg, p, train, mach, last=False))

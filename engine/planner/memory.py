@@ -118,7 +118,7 @@ def _kind_id(cfg: ModelConfig, is_moe: bool) -> int:
 
 def _microbatch(p: ParallelConfig, train: TrainConfig) -> MicroBatchShape:
     return MicroBatchShape(batch=train.micro_batch_size, seq_local=train.seq_len // p.cp, tp=p.tp,
-                           act_bytes=2 if train.precision == "bf16" else FP32)
+                           act_bytes=2 if train.precision == "bf16" else FP32, cp_a2a=p.cp_a2a_group_size)
 
 
 class _LayerFigures:

@@ -3,10 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from engine.context_parallel.volume import LayerShape, ring_bytes
 from engine.config.model import get_preset
 from engine.parallel.config import ParallelConfig
-from engine.planner.comm_model import cp_ring_bytes
 from engine.planner.comm_volume import step_comm_bytes
 from engine.testing.multiprocess import run_distributed
 from engine.config.train import TrainConfig
@@ -14,16 +12,10 @@ from engine.config.train import TrainConfig
 MODEL = dict(hidden_size=64, vocab_size=256)
 TRAIN = dict(global_batch_size=4, micro_batch_size=1, seq_len=64)
 LAYOUTS = [("tp2", {"tp": 2}, {}), ("ep2", {"ep": 2}, {}), ("etp2", {"etp": 2}, {}),
-           ("cp2", {"cp": 2}, {}), ("pp2", {"pp": 2}, {}), ("dp2 zero1", {}, {"zero1": True}),
+           ("cp2", {"cp": 2}, {}), ("cp2 a2a", {"cp": 2, "cp_mode": "a2a"}, {}), ("pp2", {"pp": 2}, {}),
+           ("dp2 zero1", {}, {"zero1": True}),
            ("tp2 ep2 full", {"tp": 2, "ep": 2}, {"recompute": "full"})]
 AXES = ("tp", "cp", "ep", "pp", "dp")
-
-
-@pytest.mark.parametrize("tokens,kv_heads,cp", [(2048, 8, 2), (1024, 2, 4), (512, 1, 8)])
-def test_cp_ring_bytes_equal_the_engines_formula(tokens, kv_heads, cp):
-    shape = LayerShape(tokens * cp, 1, 8, kv_heads, 64, elem_bytes=2, grad_acc_bytes=4)
-    engine = ring_bytes(shape, cp)
-    assert cp_ring_bytes(tokens, kv_heads, 64, cp, 2) == (engine["forward"], engine["backward"])
 
 
 def _counters(rank, world, layouts):

@@ -21,13 +21,14 @@ MODEL = dict(hidden_size=128, vocab_size=256)
 BASE = dict(global_batch_size=8, micro_batch_size=2, seq_len=128)
 
 # (name, layout, train overrides): every axis, both PP schedules, ZeRO-1 on/off,
-# recompute none / selective / full / remat-aware, fp32 and bf16.
+# recompute none / selective / full / remat-aware, fp32 and bf16, CP ring and all-to-all.
 WORLD2 = [
     ("dp", {}, {}),
     ("ep", {"ep": 2}, {"zero1": True}),
     ("etp", {"etp": 2}, {"recompute": "full"}),
     ("tp+sp", {"tp": 2}, {"precision": "bf16"}),
     ("cp", {"cp": 2}, {"recompute": "remat_aware"}),
+    ("cp a2a", {"cp": 2, "cp_mode": "a2a"}, {}),
     ("pp 1f1b", {"pp": 2}, {}),
     ("pp interleaved", {"pp": 2, "vpp": 2}, {"recompute": "selective"}),
 ]
