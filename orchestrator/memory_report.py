@@ -28,8 +28,7 @@ def device_budget(run: RunConfig) -> tuple[int | None, str]:
 
 
 def estimate(run: RunConfig, world: int) -> MemoryEstimate:
-    device = "cuda" if run.schema.cluster.use_gpu else "cpu"
-    return estimate_memory(run.model, run.parallel(world), run.train, device=device)
+    return estimate_memory(run.model, run.parallel(world), run.train)
 
 
 def _gb(nbytes: float) -> str:

@@ -80,8 +80,7 @@ def plan(run: RunConfig, gpus: int, *, gpu: str, gpus_per_node: int = DEFAULT_GP
          only: dict | None = None, calibrated: dict | None = None) -> PlanResult:
     return search_layouts(run.model, run.train, gpus, machine_for(gpu, gpus_per_node, calibrated),
                           memory_limit=memory_limit(run, gpu), dispatcher=run.schema.moe.dispatcher,
-                          space=search_space(run, only or {}), options=_layout_options(run),
-                          memory_device="cpu" if gpu == "cpu" else "cuda")
+                          space=search_space(run, only or {}), options=_layout_options(run))
 
 
 def no_layout_error(run: RunConfig, gpus: int, result: PlanResult, only: dict | None = None,

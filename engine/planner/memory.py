@@ -16,8 +16,8 @@ Per PP rank (all ranks of one stage hold the same shapes):
   larger: the loss backward ends before the first layer is re-run), and at pp > 1 the
   receive buffers posted one compute ahead (an input, a gradient, or both). The optimizer
   step runs after the activations are freed; its working memory (`optimizer_step_bytes`)
-  is the grad-norm's fp64 copy of one bucket and AdamW's temporaries. The activation
-  term is the larger of the two peaks.
+  is the grad norm's partial sums or AdamW's one scratch chunk. The activation term is the
+  larger of the two peaks.
 The dispatcher's rows (inside activations) use the expected routing (balanced: every rank
 receives the rows it sends); the worst case sends every token of the dispatch group to
 this rank's experts (dropless) or fills every local expert to capacity (capacity factor).
@@ -42,6 +42,8 @@ FP32 = 4
 FP64 = 8
 ADAM_MOMENTS = 2
 BUCKET_BYTES = 25 * 2**20     # engine.optim.buckets.DEFAULT_BUCKET_BYTES (fp32 gradient)
+NORM_CHUNK = 4096             # engine.optim.clip.NORM_CHUNK
+ADAM_CHUNK_ELEMS = 1 << 20    # engine.optim.adamw.CHUNK_ELEMS
 
 
 @dataclass(frozen=True)
@@ -156,20 +158,19 @@ class _LayerFigures:
         return max(remat, self.logits if summary.last else 0)
 
 
-def optimizer_step_bytes(count: ParamCount, largest: ParamCount, p: ParallelConfig,
-                         zero1: bool, foreach: bool) -> int:
-    """Working memory of the optimizer step: the grad-norm's fp64 copy of one bucket's owned
-    gradient (engine/optim/clip.py), then AdamW's temporaries. torch's AdamW runs the
-    foreach kernels on CUDA: sqrt(exp_avg_sq) of every owned element at once (fp32); on
-    CPU the per-tensor loop: sqrt and its quotient for one range while the previous
-    range's denominator is still bound, about 3 fp32 copies of the largest range."""
+def optimizer_step_bytes(count: ParamCount, largest: ParamCount, p: ParallelConfig, zero1: bool) -> int:
+    """Working memory of the optimizer step, as the engine runs it on every device: the grad
+    norm's partial sums, one fp32 per NORM_CHUNK owned elements, alive with their fp64 copy
+    and its square (engine/optim/clip.py: 4 + 4 + 8 + 8 bytes), then AdamW's one scratch
+    buffer of at most ADAM_CHUNK_ELEMS fp32 (engine/optim/adamw.py: every other op is in
+    place). Neither grows with the model beyond a few MB per 10^9 owned elements."""
     shards = (p.dp * p.cp, p.edp) if zero1 else (1, 1)
     bucket, owned_total = 0, 0
     for total, biggest, shard in zip((count.dense, count.expert), (largest.dense, largest.expert), shards):
         bucket = max(bucket, math.ceil(min(total, max(BUCKET_BYTES // FP32, biggest)) / shard))
         owned_total += math.ceil(total / shard)
-    adam = FP32 * owned_total if foreach else 3 * FP32 * bucket
-    return max(FP64 * bucket, adam)
+    norm = (2 * FP32 + 2 * FP64) * math.ceil(owned_total / NORM_CHUNK)
+    return max(norm, FP32 * min(ADAM_CHUNK_ELEMS, bucket))
 
 
 def _activations(figures: _LayerFigures, p, train, kinds: tuple[ChunkKinds, ...], pp_rank,
@@ -222,19 +223,19 @@ def state_peak(cfg: ModelConfig, p: ParallelConfig, train: TrainConfig) -> int:
     return max(sum(_state_bytes(count, p, train)) for count, _ in stage_states(cfg, p, train))
 
 
-def _rank_parts(cfg, p, train, kinds, pp_rank, figures, foreach, count, largest, summary=None):
+def _rank_parts(cfg, p, train, kinds, pp_rank, figures, count, largest, summary=None):
     """(params, grads, optimizer, forward/backward activations, dispatcher, parts,
     optimizer-step working memory) of one rank."""
     params, grads, optimizer = _state_bytes(count, p, train)
-    step = optimizer_step_bytes(count, largest, p, train.zero1, foreach)
+    step = optimizer_step_bytes(count, largest, p, train.zero1)
     forward_backward, dispatcher, parts = _activations(figures, p, train, kinds, pp_rank, summary)
     return params, grads, optimizer, forward_backward, dispatcher, parts, step
 
 
-def _rank(cfg, p, train, kinds, pp_rank, expected, worst, foreach) -> RoleMemory:
+def _rank(cfg, p, train, kinds, pp_rank, expected, worst) -> RoleMemory:
     count, largest = rank_params(cfg, p, kinds), largest_params(cfg, p, kinds)
     params, grads, optimizer, forward_backward, dispatcher, parts, step = _rank_parts(
-        cfg, p, train, kinds, pp_rank, expected, foreach, count, largest)
+        cfg, p, train, kinds, pp_rank, expected, count, largest)
     worst_case = forward_backward if worst is expected else _activations(worst, p, train, kinds, pp_rank)[0]
     return RoleMemory(role_name(pp_rank, p.pp), pp_rank, params, grads, optimizer,
                       max(forward_backward, step), dispatcher, max(worst_case, step), count,
@@ -242,15 +243,15 @@ def _rank(cfg, p, train, kinds, pp_rank, expected, worst, foreach) -> RoleMemory
 
 
 def estimate_memory(cfg: ModelConfig, p: ParallelConfig, train: TrainConfig, *,
-                    device: str = "cuda", worst_case: bool = True) -> MemoryEstimate:
-    """Predicted memory of every PP rank of layout `p` on `device` ("cuda" or "cpu": which
-    AdamW implementation torch picks), see the module docstring. worst_case=False skips the
-    worst-case routing figure (it then equals the expected one)."""
+                    worst_case: bool = True) -> MemoryEstimate:
+    """Predicted memory of every PP rank of layout `p` (the same on every device), see the
+    module docstring. worst_case=False skips the worst-case routing figure (it then equals
+    the expected one)."""
     sp_tokens = _microbatch(p, train).sp_tokens
     expected = _LayerFigures(cfg, p, train, dispatch_rows(cfg, p, sp_tokens, worst=False))
     worst = (_LayerFigures(cfg, p, train, dispatch_rows(cfg, p, sp_tokens, worst=True))
              if worst_case else expected)
-    ranks = [_rank(cfg, p, train, kinds, r, expected, worst, device == "cuda")
+    ranks = [_rank(cfg, p, train, kinds, r, expected, worst)
              for r, kinds in enumerate(rank_chunks(cfg, p.pp, p.vpp, train.seq_len))]
     return MemoryEstimate(ranks)
 
@@ -293,16 +294,15 @@ def rank_infos(cfg: ModelConfig, p: ParallelConfig, seq_len: int) -> list[RankIn
             for r in representative_ranks(rank_kinds)]
 
 
-def rank_states(p: ParallelConfig, train: TrainConfig, ranks: list[RankInfo], device: str = "cuda"
-                ) -> list[tuple[int, int]]:
+def rank_states(p: ParallelConfig, train: TrainConfig, ranks: list[RankInfo]) -> list[tuple[int, int]]:
     """(params + grads + optimizer, optimizer-step working memory) of each representative
     rank: independent of the micro-batch size and recompute mode."""
     return [(sum(_state_bytes(info.count, p, train)),
-             optimizer_step_bytes(info.count, info.largest, p, train.zero1, device == "cuda"))
+             optimizer_step_bytes(info.count, info.largest, p, train.zero1))
             for info in ranks]
 
 
-def peak_memory(cfg: ModelConfig, p: ParallelConfig, train: TrainConfig, *, device: str = "cuda",
+def peak_memory(cfg: ModelConfig, p: ParallelConfig, train: TrainConfig, *,
                 figures: _LayerFigures | None = None, ranks: list[RankInfo] | None = None,
                 states: list[tuple[int, int]] | None = None) -> int:
     """max over ranks of the predicted total (the `estimate_memory(...).peak.total` of the
@@ -310,7 +310,7 @@ def peak_memory(cfg: ModelConfig, p: ParallelConfig, train: TrainConfig, *, devi
     (rank_infos, rank_states) when the caller keeps them across micro-batch sizes."""
     figures = figures or layer_figures(cfg, p, train)
     ranks = ranks if ranks is not None else rank_infos(cfg, p, train.seq_len)
-    states = states if states is not None else rank_states(p, train, ranks, device)
+    states = states if states is not None else rank_states(p, train, ranks)
     best = 0
     for info, (state, step) in zip(ranks, states):
         forward_backward = _activations(figures, p, train, info.kinds, info.rank, info.summary)[0]

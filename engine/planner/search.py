@@ -167,8 +167,7 @@ def _fits_microbatches(train: TrainConfig, mbs: int, p: ParallelConfig) -> bool:
 
 def search_layouts(cfg: ModelConfig, train: TrainConfig, world: int, machine: Machine, *,
                    memory_limit: float | None, dispatcher: str = "alltoall",
-                   space: SearchSpace = SearchSpace(), options: dict | None = None,
-                   memory_device: str = "cuda") -> PlanResult:
+                   space: SearchSpace = SearchSpace(), options: dict | None = None) -> PlanResult:
     """Every feasible layout for `world` GPUs, fastest first (module docstring)."""
     start, cpu_start = time.perf_counter(), time.process_time()
     caches, rows, searched = _Caches(cfg, train), [], 0
@@ -176,7 +175,7 @@ def search_layouts(cfg: ModelConfig, train: TrainConfig, world: int, machine: Ma
         if not _matches(_degrees(p), space.only):
             continue
         ranks = caches.representative(p)
-        states = rank_states(p, train, ranks, memory_device)
+        states = rank_states(p, train, ranks)
         if memory_limit is not None and max(state for state, _ in states) > memory_limit:
             continue                      # weights and optimizer state alone do not fit
         for mbs in space.micro_batch_sizes:
@@ -188,8 +187,8 @@ def search_layouts(cfg: ModelConfig, train: TrainConfig, world: int, machine: Ma
                     continue
                 trial = caches.trial(mbs, recompute)
                 searched += 1
-                peak = peak_memory(cfg, p, trial, device=memory_device,
-                                   figures=caches.layer_figures(p, trial), ranks=ranks, states=states)
+                peak = peak_memory(cfg, p, trial, figures=caches.layer_figures(p, trial), ranks=ranks,
+                                   states=states)
                 if memory_limit is not None and peak > memory_limit:
                     continue
                 est = estimate_step(cfg, p, trial, machine, dispatcher=dispatcher, cache=caches.cost,

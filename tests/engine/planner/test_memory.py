@@ -5,6 +5,7 @@ import itertools
 import math
 
 import pytest
+import torch
 
 from engine.config.model import get_preset
 from engine.models.transformer import count_parameters
@@ -73,18 +74,42 @@ def test_optimizer_state_shards_dense_over_dp_cp_and_experts_over_edp(precision,
     assert optimizer == int(expected)
 
 
-def test_optimizer_step_working_memory():
+def test_optimizer_step_working_memory_is_the_engines_chunked_update():
     p = ParallelConfig(world_size=4, ep=2)                   # dp 4, edp 2
     count, largest = ParamCount(dense=8_000_000, expert=20_000_000), ParamCount(1_000_000, 9_000_000)
-    bucket_elems = 25 * 2**20 // 4                           # 6,553,600 elements of fp32 grad
-    # CPU: max(fp64 copy, 3 fp32 copies) of the largest owned bucket: experts' 9e6 tensor
-    assert optimizer_step_bytes(count, largest, p, zero1=False, foreach=False) == 12 * 9_000_000
-    # ZeRO-1: dense bucket 6.55e6 / 4, expert bucket 9e6 / 2 owned
-    assert optimizer_step_bytes(count, largest, p, zero1=True, foreach=False) == 12 * 4_500_000
-    # CUDA foreach AdamW: sqrt of every owned element at once
-    assert optimizer_step_bytes(count, largest, p, zero1=True, foreach=True) == max(
-        8 * 4_500_000, 4 * (8_000_000 // 4 + 20_000_000 // 2))
-    assert bucket_elems < 8_000_000
+    # AdamW's one scratch chunk of 2^20 fp32 (engine/optim/adamw.py), with or without ZeRO-1
+    assert optimizer_step_bytes(count, largest, p, zero1=False) == 4 * 2**20
+    assert optimizer_step_bytes(count, largest, p, zero1=True) == 4 * 2**20
+    # A bucket smaller than one chunk: the scratch is the bucket's owned range
+    small = ParamCount(dense=40_000, expert=0)
+    assert optimizer_step_bytes(small, ParamCount(10_000, 0), p, zero1=True) == 4 * 10_000
+    # 10^11 owned elements: the norm's partial sums (fp32, its fp64 copy and square) dominate
+    huge = ParamCount(dense=10**11, expert=0)
+    assert optimizer_step_bytes(huge, ParamCount(10**9, 0), p, zero1=False) == 24 * -(-10**11 // 4096)
+
+
+def test_optimizer_step_working_memory_matches_the_real_optimizer():
+    """The peak bytes of the storages FoldedOptimizer's clip + step create, on one process."""
+    from engine.optim.optimizer import FoldedOptimizer
+    from engine.parallel.mesh import FoldedMesh
+    from engine.planner.shards import ParamCount as Count
+    from engine.testing.memory_probe import LiveStorageTracker
+
+    sizes = [(3000, 700), (2048, 1024), (50_000,)]       # one tensor above a 2^20 chunk
+    params = [(f"p{i}", torch.nn.Parameter(torch.randn(*shape))) for i, shape in enumerate(sizes)]
+    mesh = FoldedMesh(ParallelConfig(world_size=1), rank=0, create_groups=False)
+    opt = FoldedOptimizer(params, mesh, TrainConfig(grad_clip=1.0))
+    opt.prepare_for_backward(1)
+    sum((param.square().sum() for _, param in params)).backward()
+    opt.finish_grad_sync()
+    with LiveStorageTracker() as tracker:
+        opt.clip_grad_norm(1.0)
+        opt.step(0)
+    total = sum(param.numel() for _, param in params)
+    largest = max(param.numel() for _, param in params)
+    predicted = optimizer_step_bytes(Count(dense=total, expert=0), Count(dense=largest, expert=0),
+                                     mesh.config, zero1=False)
+    assert predicted <= tracker.peak_bytes <= 1.05 * predicted + 4096, (tracker.peak_bytes, predicted)
 
 
 def _peak_composition(program, num_chunks):

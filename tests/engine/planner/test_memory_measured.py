@@ -3,9 +3,11 @@
 Measured (engine/testing/memory_probe.py): params, grads and optimizer state are the bytes
 of the optimizer's real buffers; activations are the peak bytes of the storages created
 during one training step and alive at once (forward, backward and optimizer step).
-Bounds (issue 10): params + grads + optimizer within 5% (the model ignores only ZeRO-1
-padding to 64-element shards); total within 25% (measured residuals in docs/performance.md,
-at most 12% on the activations).
+Bounds: params + grads + optimizer within 5% (the model ignores only ZeRO-1 padding to
+64-element shards); total within 15% (issue 10 asked for 25%; the measured residuals, in
+docs/performance.md, are at most 4.2% on the total and 10.5% on the activations; the margin
+is for gloo's worker thread, which frees a collective's tensors a moment late: one run in
+about 15 failed a 10% bound).
 """
 from __future__ import annotations
 
@@ -59,8 +61,7 @@ def _residuals(world, cases):
     cfg = get_preset("tiny-moe", **MODEL)
     rows = []
     for name, layout, train in cases:
-        est = estimate_memory(cfg, ParallelConfig(world_size=world, **layout), TrainConfig(**BASE, **train),
-                              device="cpu")
+        est = estimate_memory(cfg, ParallelConfig(world_size=world, **layout), TrainConfig(**BASE, **train))
         for rank, per_case in enumerate(measured):
             got = per_case[name]
             pred = est.ranks[got["pp_rank"]]
@@ -79,4 +80,4 @@ def _residuals(world, cases):
 def test_memory_model_matches_the_real_trainer(world, cases):
     for name, rank, static, _, total in _residuals(world, cases):
         assert abs(static) <= 0.05, (name, rank, static)
-        assert abs(total) <= 0.25, (name, rank, total)
+        assert abs(total) <= 0.15, (name, rank, total)
