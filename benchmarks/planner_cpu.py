@@ -42,13 +42,15 @@ MODEL = dict(hidden_size=256, vocab_size=512, num_layers=4, num_heads=8, num_kv_
              ffn_hidden_size=512, moe_ffn_hidden_size=256, moe_num_experts=8)
 TRAIN = dict(global_batch_size=8, micro_batch_size=2, seq_len=256)
 WORLD = 2
-# (name, layout, train overrides): every axis, both PP schedules, a folded one, recompute.
+# (name, layout, train overrides): every axis, CP ring and all-to-all, both PP schedules, a
+# folded one, recompute.
 LAYOUTS = [
     ("dp2", {}, {}),
     ("ep2", {"ep": 2}, {}),
     ("etp2", {"etp": 2}, {}),
     ("tp2", {"tp": 2}, {}),
     ("cp2", {"cp": 2}, {}),
+    ("cp2 a2a", {"cp": 2, "cp_mode": "a2a"}, {}),
     ("pp2 1f1b", {"pp": 2}, {}),
     ("pp2 vpp2", {"pp": 2, "vpp": 2}, {}),
     ("tp2 x ep2 folded", {"tp": 2, "ep": 2}, {}),
@@ -122,8 +124,9 @@ def report(results: list, stat: str) -> dict:
     calibrated = summarize_measurements([s for r in results for s in r["samples"]], WORLD, stat)
     calibrated["constants"]["compute_scale"] = pick([x for r in results for x in r["scales"]])
     measured = {name: pick(ts) for name, ts in results[0]["times"].items()}
-    predicted = predict(calibrated, LAYOUTS)
-    names = [name for name, _, _ in LAYOUTS]
+    layouts = [layout for layout in LAYOUTS if layout[0] in measured]   # a replay has its own
+    predicted = predict(calibrated, layouts)
+    names = [name for name, _, _ in layouts]
     print(f"\n{stat} of the rounds:\n{'layout':<22} {'measured_s':>10} {'predicted_s':>11} {'pred/meas':>9}")
     for name in names:
         print(f"{name:<22} {measured[name]:>10.4f} {predicted[name]:>11.4f} {predicted[name] / measured[name]:>9.3f}")
