@@ -60,7 +60,8 @@ class CostConstants:
     op_overhead_s: float = 2e-6
     elementwise_passes: float = 4.0
     # Seconds per owned element of the optimizer step (AdamW + grad-norm); None: stream
-    # ADAM_BYTES_PER_ELEM at HBM speed (CUDA's foreach kernels); calibration measures it.
+    # ADAM_BYTES_PER_ELEM at HBM speed (the engine's chunked AdamW keeps a chunk's operands
+    # in cache across its eight ops; engine/optim/adamw.py); calibration measures it.
     optimizer_s_per_elem: float | None = None
     # Measured / modelled time of the engine's own layers on this machine (calibration only:
     # allocation, page faults and autograd bookkeeping that the rates above do not see).
