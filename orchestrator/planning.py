@@ -127,8 +127,9 @@ def auto_layout(run: RunConfig, world_size: int) -> tuple[ParallelConfig, PlanRo
 def plan_text(result: PlanResult, gpus: int, machine_name: str, top: int) -> str:
     rows = result.rows if top == 0 else result.rows[:top]
     lines = [f"{len(result.rows)} feasible of {result.searched} searched for {gpus} x {machine_name} "
-             f"in {result.seconds:.2f} s ({result.cpu_seconds:.2f} s CPU); fastest first",
-             "  #  TP CP PP VPP EP ETP   DP EDP  mbs recompute     step_s  TFLOP/s    MFU  mem_GB"]
+             f"in {result.seconds:.2f} s ({result.cpu_seconds:.2f} s CPU); fastest first"]
+    lines += _cp_mode_line(rows)
+    lines.append("  #  TP CP PP VPP EP ETP   DP EDP  mbs recompute     step_s  TFLOP/s    MFU  mem_GB")
     for i, r in enumerate(rows):
         d = r.degrees()
         lines.append(f"{i + 1:>3}  {d['tp']:>2} {d['cp']:>2} {d['pp']:>2} {d['vpp']:>3} {d['ep']:>2} "
@@ -138,6 +139,13 @@ def plan_text(result: PlanResult, gpus: int, machine_name: str, top: int) -> str
         parts = ", ".join(f"{k} {v:.3g}" for k, v in r.breakdown.items())
         lines.append(f"  breakdown #{i + 1} (s per step, exposed): {parts}")
     return "\n".join(lines) + "\n"
+
+
+def _cp_mode_line(rows) -> list[str]:
+    """The CP flavour the CP rows are costed for, when it is not the default ring."""
+    modes = {(r.parallel.cp_mode, r.parallel.cp_a2a_size) for r in rows if r.parallel.cp > 1}
+    return [f"CP rows run parallel.cp_mode={mode}" + (f", cp_a2a_size={size}" if mode == "hybrid" else "")
+            for mode, size in sorted(modes) if mode != "ring"]
 
 
 def plan_json(result: PlanResult, top: int) -> str:

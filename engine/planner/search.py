@@ -51,7 +51,7 @@ class PlanRow:
         return _degrees(self.parallel)
 
     def as_dict(self) -> dict:
-        return {**self.degrees(), "micro_batch_size": self.micro_batch_size,
+        return {**self.degrees(), "cp_mode": self.parallel.cp_mode, "micro_batch_size": self.micro_batch_size,
                 "recompute": self.recompute, "step_time_s": self.step_time_s, "mfu": self.mfu,
                 "tflops_per_gpu": self.tflops_per_gpu, "memory_bytes": self.memory_bytes,
                 "breakdown": dict(self.breakdown)}

@@ -9,7 +9,7 @@ import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "configs" / "tiny-moe.yaml")
-KEYS = {"tp", "cp", "pp", "vpp", "ep", "etp", "dp", "edp", "micro_batch_size", "recompute",
+KEYS = {"tp", "cp", "pp", "vpp", "ep", "etp", "dp", "edp", "cp_mode", "micro_batch_size", "recompute",
         "step_time_s", "mfu", "memory_bytes", "breakdown"}
 
 
@@ -43,6 +43,20 @@ def test_plan_only_and_text_table(tmp_path):
     text = _cli(["plan", TINY, "--gpus", "8", "--gpu", "h100", "--top", "3"], tmp_path).stdout
     assert "TP CP PP VPP EP ETP   DP EDP  mbs recompute" in text
     assert text.count("breakdown #") == 3
+
+
+def test_plan_costs_the_configured_cp_flavour(tmp_path):
+    args = ["plan", TINY, "--gpus", "8", "--gpu", "h100", "--only", "cp=2,pp=1,ep=1", "--top", "0"]
+    ring = json.loads(_cli([*args, "--json"], tmp_path).stdout)["layouts"]
+    a2a = json.loads(_cli([*args, "--json", "--set", "parallel.cp_mode=a2a"], tmp_path).stdout)["layouts"]
+    assert {r["cp_mode"] for r in ring} == {"ring"} and {r["cp_mode"] for r in a2a} == {"a2a"}
+    key = lambda r: (r["tp"], r["micro_batch_size"], r["recompute"])   # noqa: E731
+    ring_by_layout = {key(r): r for r in ring}
+    # a2a needs the heads of a TP rank divisible by cp: a subset of the ring's layouts
+    assert a2a and {key(r) for r in a2a} < set(ring_by_layout)
+    assert all(r["breakdown"]["cp"] != ring_by_layout[key(r)]["breakdown"]["cp"] for r in a2a)
+    assert "CP rows run parallel.cp_mode=a2a" in _cli([*args, "--set", "parallel.cp_mode=a2a"], tmp_path).stdout
+    assert "cp_mode" not in _cli(args, tmp_path).stdout
 
 
 def test_plan_errors_exit_2_with_one_line(tmp_path):
