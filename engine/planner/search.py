@@ -86,8 +86,11 @@ def _tp_ok(cfg: ModelConfig, tp: int) -> bool:
 def candidate_layouts(cfg: ModelConfig, train: TrainConfig, world: int, space: SearchSpace,
                       options: dict | None = None):
     """Yields every valid ParallelConfig of `world` ranks; `options`: the non-degree fields
-    (sequence_parallel, cp_mode, cp_a2a_size) every candidate keeps."""
+    (sequence_parallel, cp_mode, cp_a2a_size) every candidate keeps; a layout without CP
+    takes the default flavour, since the CP flavour is moot there (hybrid's all-to-all size
+    would otherwise rule out every cp = 1 layout)."""
     base_kwargs = dict(options or {})
+    no_cp_kwargs = {k: v for k, v in base_kwargs.items() if k not in ("cp_mode", "cp_a2a_size")}
     moe = cfg.moe
     tps = [t for t in _powers_of_two(space.max_tp) if world % t == 0 and _tp_ok(cfg, t)]
     for tp in tps:
@@ -105,8 +108,8 @@ def candidate_layouts(cfg: ModelConfig, train: TrainConfig, world: int, space: S
                                 and moe.ffn_hidden_size % t == 0):
                         for vpp in vpps:
                             try:
-                                p = ParallelConfig(world_size=world, tp=tp, cp=cp, pp=pp, ep=ep,
-                                                   etp=etp, vpp=vpp, **base_kwargs)
+                                p = ParallelConfig(world_size=world, tp=tp, cp=cp, pp=pp, ep=ep, etp=etp,
+                                                   vpp=vpp, **(base_kwargs if cp > 1 else no_cp_kwargs))
                                 p.validate_for_model(num_heads=cfg.num_heads,
                                                      num_kv_heads=cfg.num_kv_heads,
                                                      num_experts=moe.num_experts,

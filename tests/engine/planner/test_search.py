@@ -125,3 +125,16 @@ def test_an_empty_search_names_the_rule_or_filter_that_left_nothing():
     assert why(8, micro_batch_sizes=(32,)).startswith("train.global_batch_size=16 is not a whole number")
     # candidates there, filtered by memory only: the caller's memory line applies
     assert why(8) is None and search_layouts(cfg, TINY_TRAIN, 8, H100, memory_limit=1).rows == []
+
+
+def test_a_cp_flavour_keeps_the_layouts_without_cp():
+    # hybrid with an all-to-all of 2 cannot describe cp = 1; those layouts run no CP at all
+    cfg = get_preset("tiny-moe")
+    hybrid = search_layouts(cfg, TINY_TRAIN, 8, H100, memory_limit=None,
+                            options={"cp_mode": "hybrid", "cp_a2a_size": 2}).rows
+    ring = search_layouts(cfg, TINY_TRAIN, 8, H100, memory_limit=None).rows
+    by_cp = {cp: {r.parallel.cp_mode for r in hybrid if r.parallel.cp == cp} for cp in (1, 2, 4)}
+    assert by_cp == {1: {"ring"}, 2: {"hybrid"}, 4: {"hybrid"}}
+    no_cp = lambda rows: sorted((repr(r.parallel), r.micro_batch_size, r.step_time_s)   # noqa: E731
+                                for r in rows if r.parallel.cp == 1)
+    assert no_cp(hybrid) == no_cp(ring)
