@@ -186,3 +186,13 @@ def test_estimate_names_roles_and_orders_pipeline_stages():
     assert middle[0] > middle[1]
     assert all(r.total == r.params + r.grads + r.optimizer + r.activations for r in est.ranks)
     assert all(r.total_worst >= r.total for r in est.ranks)
+
+
+def test_the_optimizer_figures_are_the_engines():
+    # The planner is torch-free, so it keeps its own copies; a stale copy is how the
+    # optimizer-step term drifted from the engine before (docs/performance.md).
+    from engine.optim import adamw, buckets, clip
+    from engine.planner import memory
+    assert memory.NORM_CHUNK == clip.NORM_CHUNK
+    assert memory.ADAM_CHUNK_ELEMS == adamw.CHUNK_ELEMS
+    assert memory.BUCKET_BYTES == buckets.DEFAULT_BUCKET_BYTES
