@@ -128,9 +128,10 @@ class FoldedOptimizer:
         if not self._synced:
             raise RuntimeError(f"{what}() needs finish_grad_sync() first in this step")
 
-    def clip_grad_norm(self, max_norm: float) -> float:
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         """Global grad norm (rule in engine/optim/clip.py); clips when max_norm > 0.
-        Returns the norm before clipping, identical on every rank."""
+        Returns the norm before clipping, identical on every rank, as a 0-d fp64 tensor on
+        the model's device: reading it is the caller's host synchronisation."""
         self._require_synced("clip_grad_norm")
         norm = global_grad_norm(self.buckets, self.mesh)
         clip_(self.buckets, norm, max_norm)

@@ -144,10 +144,11 @@ class Trainer:
         aux = aux_coeff * stats.get("aux_loss", zero) * n_layers
         return aux, moe.z_loss_coeff * stats.get("z_loss", zero) * n_layers, stats
 
-    def _step_metrics(self, lm_loss: torch.Tensor, grad_norm: float, lr: float,
+    def _step_metrics(self, lm_loss: torch.Tensor, grad_norm: torch.Tensor, lr: float,
                       stop_vote: bool = False) -> dict[str, float]:
         """Global step metrics from one vector on the model's device: one SUM over the stage
-        and one all-gather over pp (each skipped at size 1), then one host read."""
+        and one all-gather over pp (each skipped at size 1), then the step's one host read
+        (the grad norm rides in it too: identical on every rank, counted once per stage)."""
         finalize_routing_stats(self.chunks)
         moe_ids = [i for i in range(self.model_cfg.num_layers) if self.model_cfg.is_moe_layer(i)]
         by_layer = layer_imbalance_tensors(self.chunks)   # before _moe_loss_terms resets them
@@ -157,13 +158,14 @@ class Trainer:
         # gathers the per-layer imbalance with the load statistics.
         local = torch.stack([lm_loss.to(self.device, torch.float64), aux.to(torch.float64),
                              z.to(torch.float64), stats.get("dropped_token_fraction", zero),
-                             stats.get("load_imbalance_max", zero),
+                             stats.get("load_imbalance_max", zero), grad_norm.to(self.device),
                              *(by_layer.get(i, zero) for i in moe_ids),
                              zero + stop_vote]).to(torch.float64)
         # The LM loss is replicated over tp (counted by tp rank 0), the MoE terms over the whole
         # stage (counted by stage rank 0), so the stage SUM gives the sum over dp x cp and
         # the stage's MoE values; stages hold different layers: sum (max for the load
-        # statistics) over pp, 0 off the last stage for the LM loss.
+        # statistics, and for the grad norm that every stage holds alike) over pp, 0 off
+        # the last stage for the LM loss.
         mesh = self.mesh
         counted = torch.tensor([mesh.rank_in(Axis.TP) == 0]
                                + [mesh.rank_in(Axis.STAGE) == 0] * (local.numel() - 2)
@@ -176,9 +178,9 @@ class Trainer:
             dist.all_gather_into_tensor(per_stage, values, group=mesh.group(Axis.PP))
             per_stage = per_stage.view(mesh.size(Axis.PP), -1)
             values = torch.cat([per_stage[:, :3].sum(0), per_stage[:, 3:].amax(0)])
-        lm, aux, z, dropped, imbalance, *layers, stop_votes = values.tolist()
+        lm, aux, z, dropped, imbalance, norm, *layers, stop_votes = values.tolist()
         return {"loss": lm + aux + z, "lm_loss": lm, "aux_loss": aux, "z_loss": z,
-                "grad_norm": float(grad_norm), "lr": float(lr), "tokens": float(self.global_tokens),
+                "grad_norm": norm, "lr": float(lr), "tokens": float(self.global_tokens),
                 "dropped_token_fraction": dropped, "load_imbalance": imbalance,
                 "load_imbalance_by_layer": dict(zip(moe_ids, layers)),
                 "model_flops": float(self.model_flops), "stop_votes": stop_votes}

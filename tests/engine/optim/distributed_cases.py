@@ -42,7 +42,7 @@ def _train(model, opt, steps, case: dict, record: dict) -> None:
         record["launched_in_backward"].append(opt.launched_in_backward)
         before = opt.mesh.traffic.snapshot()
         opt.finish_grad_sync()
-        record["norms"].append(opt.clip_grad_norm(opt.cfg.grad_clip))
+        record["norms"].append(float(opt.clip_grad_norm(opt.cfg.grad_clip)))
         opt.step(step)
         record["comm"].append(opt.mesh.traffic.since(before))
 

@@ -52,3 +52,16 @@ def test_metrics_are_read_once_per_step(layout):
     keys = ("loss", "lm_loss", "aux_loss", "z_loss", "dropped_token_fraction", "load_imbalance", "grad_norm")
     for a, b in zip(results[0]["metrics"], results[1]["metrics"]):
         assert {k: a[k] for k in keys} == {k: b[k] for k in keys}     # the same global values everywhere
+
+
+def test_a_whole_step_reads_the_host_once():
+    """Clipping on (the grad norm is a tensor until the metric read), expert biases and
+    deferred seq-aux statistics on: at ep = 1 nothing but the metric vector is read."""
+    cfg = get_preset("tiny-moe", moe_expert_bias=True, moe_aux_loss_type="seq")
+    mesh = FoldedMesh(ParallelConfig(world_size=1), rank=0, create_groups=False)
+    trainer = build_trainer(cfg, TrainConfig(**TRAIN, grad_clip=1e-3), mesh)
+    trainer.train_step(0, synthetic_global_batch(0, 4, 16, cfg.vocab_size))
+    with HostReadCounter() as reads:
+        metrics = trainer.train_step(1, synthetic_global_batch(1, 4, 16, cfg.vocab_size))
+    assert reads.count == 1, reads.sites
+    assert isinstance(metrics["grad_norm"], float) and metrics["grad_norm"] > 1e-3   # it clipped
