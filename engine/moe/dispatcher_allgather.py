@@ -66,6 +66,8 @@ class AllGatherDispatcher(nn.Module):
         if not has_tail:                                      # pad-to-capacity: static count
             order = order[:n * num_local * assign.slots_per_expert]
         rows = token_all[order]
-        y_nh = experts(permute_tokens(x_all, rows), counts, has_tail=has_tail)
-        y_all = combine_tokens(y_nh, rows, prob_all[order], x_all.shape[0])
+        x_nh = permute_tokens(x_all, rows)
+        del x_all     # not kept by autograd (the gather keeps only rows): free it before the experts
+        y_nh = experts(x_nh, counts, has_tail=has_tail)
+        y_all = combine_tokens(y_nh, rows, prob_all[order], n * num_tokens)
         return reduce_scatter_v(y_all, [num_tokens] * n, group, counter)

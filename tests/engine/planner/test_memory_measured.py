@@ -5,7 +5,7 @@ of the optimizer's real buffers; activations are the peak bytes of the storages 
 during one training step and alive at once (forward, backward and optimizer step).
 Bounds: params + grads + optimizer within 5% (the model ignores only ZeRO-1 padding to
 64-element shards); total within 15% (issue 10 asked for 25%; the measured residuals, in
-docs/performance.md, are at most 4.2% on the total and 10.5% on the activations; the margin
+docs/performance.md, are at most 3.5% on the total and 8.1% on the activations; the margin
 is for gloo's worker thread, which frees a collective's tensors a moment late: one run in
 about 15 failed a 10% bound).
 """
