@@ -43,7 +43,7 @@ def main() -> None:
     params = [p for _, p in trainer.named_params]
     for p in params:
         p.grad = p.main_grad.detach().clone()
-    norm = global_grad_norm(buckets, mesh)
+    norm = float(global_grad_norm(buckets, mesh))
     torch_norm = float(torch.nn.utils.get_total_norm([p.grad for p in params]))
     exact = fp64_norm(buckets)
     max_norm = 0.5 * norm        # both clip; each call scales by ~0.5 (values stay finite)
@@ -55,7 +55,7 @@ def main() -> None:
         torch.nn.utils.clip_grad_norm_(params, max_norm)
 
     def old():
-        clip_(buckets, fp64_norm(buckets), max_norm)
+        clip_(buckets, torch.tensor(fp64_norm(buckets), dtype=torch.float64), max_norm)
     times = interleaved_rounds({"foldmoe": ours, "torch": theirs, "fp64_before": old}, args.rounds)
     numel = sum(b.reduced_grad().numel() for b in buckets)
     result = {"elements": numel, "buckets": len(buckets), "median_s": {k: median(v) for k, v in times.items()},

@@ -6,8 +6,9 @@ its exact inverse, so each is the other's backward. Q, K and V travel in one pac
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from math import gcd
+from typing import NamedTuple
 
 import torch
 
@@ -17,17 +18,33 @@ from .comm import all_to_all_dim0
 from .zigzag import gathered_to_true_order
 
 
+class ReorderIndex(NamedTuple):
+    """Gathers between the received blocks [P, b, s_local, ...] and true sequence order."""
+    block_s: torch.Tensor      # true position t lives in block block_s[t] ...
+    row_s: torch.Tensor        # ... at row row_s[t]
+    position_ps: torch.Tensor  # [P, 1, s_local]: the true position of block p, row j
+
+
 @dataclass
 class AllToAllSpec:
     group: object
     size: int
     link: Link     # where the all-to-all bytes are counted
     reorder: bool  # zigzag shards -> true order (needed for causal masks)
+    _index: dict = field(default_factory=dict, repr=False)
 
-    def order(self, local_len: int, device) -> torch.Tensor | None:
+    def index(self, local_len: int, device) -> ReorderIndex | None:
+        """The reorder gathers' indices, built once per (length, device): no index
+        arithmetic and no host-to-device copy per call."""
         if not self.reorder:
             return None
-        return gathered_to_true_order(self.size, local_len).to(device)
+        key = (local_len, str(device))
+        if key not in self._index:
+            order = gathered_to_true_order(self.size, local_len)
+            self._index[key] = ReorderIndex(
+                (order // local_len).to(device), (order % local_len).to(device),
+                torch.argsort(order).view(self.size, 1, local_len).to(device))
+        return self._index[key]
 
 
 def _seq_to_heads(x_bshd, spec: AllToAllSpec):
@@ -35,18 +52,26 @@ def _seq_to_heads(x_bshd, spec: AllToAllSpec):
     # [dest, b, s_local, H/P, d]: head group p goes to group rank p.
     x_pbshd = x_bshd.view(b, s_local, spec.size, heads // spec.size, d).permute(2, 0, 1, 3, 4)
     y_pbshd = all_to_all_dim0(x_pbshd, spec.group, spec.link)  # dim 0 is now the source rank
-    y_bshd = y_pbshd.permute(1, 0, 2, 3, 4).reshape(b, spec.size * s_local, heads // spec.size, d)
-    order = spec.order(s_local, x_bshd.device)
-    return y_bshd if order is None else y_bshd.index_select(1, order)
+    y_bpshd = y_pbshd.permute(1, 0, 2, 3, 4)                   # a view
+    index = spec.index(s_local, x_bshd.device)
+    if index is None:
+        return y_bpshd.reshape(b, spec.size * s_local, heads // spec.size, d)
+    # One gather into true order straight from the received blocks (no batch-major copy
+    # first at b > 1).
+    return y_bpshd[:, index.block_s, index.row_s]
 
 
 def _heads_to_seq(y_bshd, spec: AllToAllSpec):
     b, s_group, heads_local, d = y_bshd.shape
     s_local = s_group // spec.size
-    order = spec.order(s_local, y_bshd.device)
-    if order is not None:
-        y_bshd = y_bshd.index_select(1, torch.argsort(order))
-    y_pbshd = y_bshd.view(b, spec.size, s_local, heads_local, d).permute(1, 0, 2, 3, 4)
+    index = spec.index(s_local, y_bshd.device)
+    if index is None:
+        y_pbshd = y_bshd.view(b, spec.size, s_local, heads_local, d).permute(1, 0, 2, 3, 4)
+    else:
+        # One gather from true order into the contiguous send blocks [dest, b, s_local, ...]
+        # (all_to_all_dim0 then has nothing to pack).
+        batch = torch.arange(b, device=y_bshd.device).view(1, b, 1)
+        y_pbshd = y_bshd[batch, index.position_ps]
     x_pbshd = all_to_all_dim0(y_pbshd, spec.group, spec.link)  # dim 0: head group
     return x_pbshd.permute(1, 2, 0, 3, 4).reshape(b, s_local, spec.size * heads_local, d)
 

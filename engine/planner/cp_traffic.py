@@ -20,9 +20,9 @@ against the engine's code in tests/engine/planner/test_cp_traffic.py:
   that travel with the blocks ((8 + 2c) + (R + 1)(8 + e) per Nkv': the own block whole, the
   others' first halves).
 - all-to-all: the packing of q, k, v, its permutes around the exchange and the causal reorder
-  copy the packed elements (Nq + 2·Nkv') 3 times each pass, out 2 times, one more each with
-  b > 1 (a permute that is a view only at b = 1); backward also re-lays dq (and dK/dV, or sums
-  the repeated heads' gradients).
+  copy the packed elements (Nq + 2·Nkv') 3 times each pass, out 2 times, at every b (the
+  reorder is one gather to or from the exchanged blocks, engine/context_parallel/ulysses.py);
+  backward also re-lays dq (and dK/dV, or sums the repeated heads' gradients).
 """
 from __future__ import annotations
 
@@ -112,8 +112,7 @@ def _a2a_hbm(shape: CpShape) -> tuple[float, float]:
         return 0.0, 0.0
     e, nq, factor = shape.act_bytes, shape.q_elems, shape.kv_factor
     packed = nq + 2 * factor * shape.kv_elems
-    extra = 1 if shape.batch > 1 else 0
-    passes = 2 * packed * (3 + extra) + 2 * nq * (2 + extra)
+    passes = 2 * packed * 3 + 2 * nq * 2
     repeat_fwd = 4 * factor * shape.kv_elems if factor > 1 else 0
     kv_grads = 2 * (factor + 1) * shape.kv_elems if factor > 1 else 4 * shape.kv_elems
     return float(e * (passes + repeat_fwd)), float(e * (passes + 2 * nq + kv_grads))
