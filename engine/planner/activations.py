@@ -178,8 +178,21 @@ def embedding_bytes(mb: MicroBatchShape) -> int:
     return (INDEX_BYTES + 1) * mb.tokens
 
 
+LOSS_ROW_CHUNK_ELEMS = 1 << 24    # engine.tensor_parallel.cross_entropy.GPU_ROW_CHUNK_ELEMS (CPU's is smaller)
+LOSS_TOKEN_BYTES = 4 + 8 + 8 + 1 + 1   # row max, (sum-exp, target), label, two masks
+
+
 def head_bytes(cfg: ModelConfig, mb: MicroBatchShape) -> int:
-    """Last chunk: final norm, the head's (gathered) input, fp32 log-softmax of the logits."""
+    """Last chunk: final norm, the head's (gathered) input, and what the chunked CE keeps:
+    the logits in the model dtype and a few numbers per token (engine/tensor_parallel/
+    cross_entropy.py)."""
     vocab_local = cfg.vocab_size // mb.tp
     return (norm_bytes(mb, cfg.hidden_size) + mb.act_bytes * mb.tokens * cfg.hidden_size
-            + FP32 * mb.tokens * vocab_local)
+            + mb.act_bytes * mb.tokens * vocab_local + LOSS_TOKEN_BYTES * mb.tokens)
+
+
+def loss_working_bytes(cfg: ModelConfig, mb: MicroBatchShape) -> int:
+    """The loss backward beyond what the head keeps: the logits' gradient in the model
+    dtype and one fp32 slice of the recomputed softmax."""
+    logits = mb.tokens * (cfg.vocab_size // mb.tp)
+    return mb.act_bytes * logits + FP32 * min(logits, LOSS_ROW_CHUNK_ELEMS)

@@ -25,6 +25,7 @@ times for balanced stages (Narayanan et al. 2021), less when the stages are not.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from engine.metrics.flops import model_flops_per_iteration
@@ -32,7 +33,7 @@ from engine.config.model import ModelConfig
 from engine.parallel.config import ParallelConfig
 from engine.config.train import TrainConfig
 
-from .activations import MicroBatchShape, layer_bytes, unkept_bytes
+from .activations import LOSS_ROW_CHUNK_ELEMS, MicroBatchShape, layer_bytes, unkept_bytes
 from .comm_model import Link, a2a_bytes, allgather_dispatch_bytes, dp_bytes, tp_collective_bytes
 from .cp_traffic import CpShape, cp_comm_bytes, cp_hbm_bytes, cp_shape
 from .devices import Device
@@ -42,7 +43,8 @@ from .shards import kind_layer_id, local_kv_heads
 # aten operators per layer, forward + backward (one process, engine/models + engine/moe,
 # counted with a TorchDispatchMode; the grouped-GEMM experts add none per local expert)
 OPS = {"dense_layer": 260, "moe_layer": 347, "shared": 47, "ends": 51}
-LOSS_ALL_REDUCES = 2       # engine/tensor_parallel/layers.py: 3 fp32 per token, forward only
+LOSS_ALL_REDUCES = 2       # engine/tensor_parallel/cross_entropy.py: 3 fp32 per token, forward only
+LOSS_OPS_PER_SLICE = 10    # its aten operators per row slice after the first, forward + backward
 ADAM_BYTES_PER_ELEM = 30   # read grad, master, 2 moments; write master, 2 moments, param
 
 
@@ -240,8 +242,13 @@ def _ends(cfg: ModelConfig, p: ParallelConfig, train: TrainConfig, mach: Machine
     compute = OPS["ends"] / 2 * mach.constants.op_overhead_s
     tp = 2 * tp_each
     if last:
+        # The chunked CE streams about as many HBM bytes per logit as the unchunked one it
+        # replaced (4e + 64 against 2e + 64 counted op by op, before any cache reuse of
+        # its fp32 slices), so this term did not change; its slices add operators.
         loss = mach.constants.elementwise_passes * (e + 8) * t * vocab / mach.memory_rate
-        compute += 3 * head_gemm(cfg, p, train).forward_s(e, mach) + loss
+        slices = math.ceil(t / max(1, LOSS_ROW_CHUNK_ELEMS // vocab))
+        compute += (3 * head_gemm(cfg, p, train).forward_s(e, mach) + loss
+                    + (slices - 1) * LOSS_OPS_PER_SLICE * mach.constants.op_overhead_s)
         if p.tp > 1:   # vocab-parallel cross-entropy: all-reduces of the row max, then (sum-exp, target)
             tp += (LOSS_ALL_REDUCES * mach.constants.collective_latency_s
                    + mach.link.ring_time(2 * tp_collective_bytes(t, 3, 4, p.tp), p.tp, 1))

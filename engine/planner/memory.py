@@ -11,8 +11,8 @@ Per PP rank (all ranks of one stage hold the same shapes):
 - activations: what each chunk keeps for backward (engine/planner/activations.py) times
   the micro-batches the pipeline schedule holds in flight on this rank, plus working
   memory: one layer re-materialised under full / remat-aware recompute (with the token
-  exchange buffers of a MoE layer; without recompute those buffers alone), or the head's
-  logits and the two fp32 gradients of the loss backward on the last stage (whichever is
+  exchange buffers of a MoE layer; without recompute those buffers alone), or the loss
+  backward's logit gradient and fp32 softmax slice on the last stage (whichever is
   larger: the loss backward ends before the first layer is re-run), and at pp > 1 the
   receive buffers posted one compute ahead (an input, a gradient, or both). The optimizer
   step runs after the activations are freed; its working memory (`optimizer_step_bytes`)
@@ -33,7 +33,8 @@ from engine.parallel.config import ParallelConfig
 from engine.config.train import TrainConfig
 
 from .activations import (DispatchRows, MicroBatchShape, dispatcher_buffer_bytes, embedding_bytes,
-                          head_bytes, layer_bytes, rematerialised_bytes, routed_bytes)
+                          head_bytes, layer_bytes, loss_working_bytes, rematerialised_bytes,
+                          routed_bytes)
 from .schedule_memory import in_flight_per_chunk, schedule_name
 from .shards import (ChunkKinds, ParamCount, kind_layer_id, largest_params, rank_chunks, rank_params,
                      summarize)
@@ -141,8 +142,8 @@ class _LayerFigures:
         self.head = head_bytes(cfg, mb)
         # The pipeline executor holds a chunk's output until its backward (and sends it).
         self.chunk_output = mb.act_bytes * mb.sp_tokens * cfg.hidden_size
-        # logits (model dtype) + fp32 grads of the log-probabilities and of the logits
-        self.logits = (mb.act_bytes + 2 * FP32) * mb.tokens * (cfg.vocab_size // p.tp)
+        # the loss backward: the logits' gradient and one fp32 softmax slice
+        self.logits = loss_working_bytes(cfg, mb)
 
     def chunk_layers(self, kinds: ChunkKinds) -> int:
         return kinds.dense * self.saved[False] + kinds.moe * self.saved[True]

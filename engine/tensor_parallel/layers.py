@@ -16,7 +16,6 @@ Input/output layouts:
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -164,49 +163,3 @@ class VocabParallelEmbedding(nn.Module):
     def extra_repr(self) -> str:
         return (f"vocab [{self.vocab_start}, {self.vocab_start + self.num_local}), "
                 f"dim={self.embedding_dim}, output_layout={self.output_layout}")
-
-
-class _VocabParallelCrossEntropy(torch.autograd.Function):
-    """Per-token CE over vocab-sharded logits; never materialises the full vocab.
-
-    loss = log(sum_v exp(z_v - m)) - (z_y - m) with m the global max (all-reduce MAX), the
-    sum-exp and the target logit summed over TP (one all-reduce of both). Gradient:
-    softmax - onehot(y), restricted to this rank's vocab block.
-    """
-
-    @staticmethod
-    def forward(ctx, logits_bsv, labels_bs, comm, ignore_index):
-        logits = logits_bsv.float()
-        num_local = logits.shape[-1]
-        row_max_bs = comm.all_reduce(logits.max(dim=-1).values.contiguous(), dist.ReduceOp.MAX)
-        shifted_bsv = logits - row_max_bs.unsqueeze(-1)
-        local_label_bs = labels_bs - comm.rank * num_local
-        in_shard_bs = (local_label_bs >= 0) & (local_label_bs < num_local)
-        safe_label_bs = local_label_bs.clamp(0, num_local - 1)
-        target_bs = shifted_bsv.gather(-1, safe_label_bs.unsqueeze(-1)).squeeze(-1) * in_shard_bs
-        exp_bsv = shifted_bsv.exp()
-        sums = comm.all_reduce(torch.stack((exp_bsv.sum(-1), target_bs)))
-        sum_exp_bs, target_bs = sums[0], sums[1]
-        ignored_bs = labels_bs == ignore_index
-        loss_bs = (sum_exp_bs.log() - target_bs).masked_fill(ignored_bs, 0.0)
-        softmax_bsv = exp_bsv.div_(sum_exp_bs.unsqueeze(-1))
-        ctx.save_for_backward(softmax_bsv, safe_label_bs, in_shard_bs & ~ignored_bs, ignored_bs)
-        ctx.logits_dtype = logits_bsv.dtype
-        return loss_bs
-
-    @staticmethod
-    def backward(ctx, grad_loss_bs):
-        softmax_bsv, safe_label_bs, hit_bs, ignored_bs = ctx.saved_tensors
-        onehot_bsv = torch.zeros_like(softmax_bsv).scatter_(
-            -1, safe_label_bs.unsqueeze(-1), hit_bs.unsqueeze(-1).to(softmax_bsv.dtype))
-        scale_bs = grad_loss_bs.float().masked_fill(ignored_bs, 0.0)
-        grad_bsv = (softmax_bsv - onehot_bsv) * scale_bs.unsqueeze(-1)
-        return grad_bsv.to(ctx.logits_dtype), None, None, None
-
-
-def vocab_parallel_cross_entropy(logits_local_bsv: torch.Tensor, labels_bs: torch.Tensor,
-                                 tp_comm: TPComm, ignore_index: int = -100) -> torch.Tensor:
-    """Per-token CE [b, s] (fp32) from logits sharded by contiguous vocab blocks over TP
-    (rank r holds ids [r*V/tp, (r+1)*V/tp)); replicated on the TP ranks. Tokens labelled
-    `ignore_index` give 0 loss and 0 gradient."""
-    return _VocabParallelCrossEntropy.apply(logits_local_bsv, labels_bs, tp_comm, ignore_index)

@@ -1,13 +1,13 @@
-"""Per-token LM loss for the trainer: vocab-parallel CE at tp > 1, plain CE at tp = 1."""
+"""Per-token LM loss for the trainer and eval: the chunked (vocab-parallel at tp > 1)
+cross-entropy of engine/tensor_parallel/cross_entropy.py."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from engine.parallel.mesh import FoldedMesh
 
 from .comm import TPComm
-from .layers import vocab_parallel_cross_entropy
+from .cross_entropy import vocab_parallel_cross_entropy
 
 IGNORE_INDEX = -100
 
@@ -21,7 +21,6 @@ def tp_loss(logits_local: torch.Tensor, labels: torch.Tensor, mesh: FoldedMesh,
     count on the TP axis of the mesh's Traffic.
     """
     if mesh.size("tp") == 1:
-        return F.cross_entropy(logits_local.float().flatten(0, 1), labels.flatten(),
-                               reduction="none", ignore_index=IGNORE_INDEX).view_as(labels)
+        return vocab_parallel_cross_entropy(logits_local, labels, None, IGNORE_INDEX)
     comm = comm if comm is not None else TPComm(mesh.group("tp"), mesh.traffic)
     return vocab_parallel_cross_entropy(logits_local, labels, comm, IGNORE_INDEX)

@@ -196,3 +196,11 @@ def test_the_optimizer_figures_are_the_engines():
     assert memory.NORM_CHUNK == clip.NORM_CHUNK
     assert memory.ADAM_CHUNK_ELEMS == adamw.CHUNK_ELEMS
     assert memory.BUCKET_BYTES == buckets.DEFAULT_BUCKET_BYTES
+
+
+def test_the_loss_figures_are_the_engines():
+    from engine.planner import activations
+    from engine.tensor_parallel import cross_entropy
+    # one fp32 slice of the loss: the GPU's, an upper bound of the CPU's
+    assert activations.LOSS_ROW_CHUNK_ELEMS == cross_entropy.GPU_ROW_CHUNK_ELEMS
+    assert cross_entropy.CPU_ROW_CHUNK_ELEMS <= cross_entropy.GPU_ROW_CHUNK_ELEMS

@@ -64,7 +64,7 @@ def test_qwen2_paper_layout_mfu_within_5_points():
     assert abs(row.mfu - QWEN2[2]) <= 0.05, (rank, row.as_dict())
 
 
-@pytest.mark.xfail(strict=True, reason="rank 6 of 3,668: PP4 VPP7 puts one layer in every chunk, so the "
+@pytest.mark.xfail(strict=True, reason="rank 8 of 3,792: PP4 VPP7 puts one layer in every chunk, so the "
                                        "last stage also carries the 151,936-vocabulary head (17% slower); "
                                        "PP2 VPP14 (head amortised), EP8 (larger expert GEMMs, half the expert "
                                        "gradients) and TP1 CP2 (no exposed TP collectives) predict faster "

@@ -12,8 +12,8 @@ from torch import nn
 from engine.parallel.param_attrs import is_tp_sharded, reduce_axes, slices
 from engine.parallel.traffic import Traffic
 from engine.tensor_parallel.comm import TPComm
-from engine.tensor_parallel.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
-                                           vocab_parallel_cross_entropy)
+from engine.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
+from engine.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 from engine.testing.multiprocess import run_distributed
 
 B, S, H, OUT, VOCAB = 2, 4, 8, 8, 16
