@@ -191,8 +191,12 @@ def head_bytes(cfg: ModelConfig, mb: MicroBatchShape) -> int:
             + mb.act_bytes * mb.tokens * vocab_local + LOSS_TOKEN_BYTES * mb.tokens)
 
 
+def loss_slice_bytes(cfg: ModelConfig, mb: MicroBatchShape) -> int:
+    """One fp32 row slice of the chunked CE (its forward's only [rows, vocab] temporary)."""
+    return FP32 * min(mb.tokens * (cfg.vocab_size // mb.tp), LOSS_ROW_CHUNK_ELEMS)
+
+
 def loss_working_bytes(cfg: ModelConfig, mb: MicroBatchShape) -> int:
     """The loss backward beyond what the head keeps: the logits' gradient in the model
     dtype and one fp32 slice of the recomputed softmax."""
-    logits = mb.tokens * (cfg.vocab_size // mb.tp)
-    return mb.act_bytes * logits + FP32 * min(logits, LOSS_ROW_CHUNK_ELEMS)
+    return mb.act_bytes * mb.tokens * (cfg.vocab_size // mb.tp) + loss_slice_bytes(cfg, mb)

@@ -7,8 +7,7 @@ Per PP rank:
 - activations: nothing is kept for a backward, so the peak is one layer's forward, bounded
   above by everything that layer writes (what training keeps of it, plus the token
   exchange of a MoE layer), or on the last stage the head's input, its logits and the
-  training loss's working memory (a logit-sized gradient that eval does not make, and one
-  fp32 slice; whichever is larger), plus the pipeline's buffers in flight: the received
+  loss's one fp32 row slice (whichever is larger), plus the pipeline's buffers in flight: the received
   input and the sent output of one chunk (the executor releases each output once sent,
   engine/pipeline/executor.py). An upper bound by construction: the measured forward
   peaks are 4-56% below it on CPU (tests/engine/planner/test_eval_memory.py) while the
@@ -30,7 +29,7 @@ def _forward_peak(figures, summary: ChunkKinds, pp: int) -> tuple[int, int, dict
     """(peak forward bytes, of which dispatcher rows, parts) of a rank holding `summary`."""
     layer = max(figures.saved[False] if summary.dense else 0,
                 figures.saved[True] + figures.exchange if summary.moe else 0)
-    head = figures.head + figures.logits if summary.last else 0
+    head = figures.head + figures.loss_slice if summary.last else 0   # no logit gradient in eval
     in_flight = 2 * figures.chunk_output if pp > 1 else 0
     embedding = figures.embedding if summary.first else 0
     working = max(layer, head)

@@ -33,7 +33,7 @@ from engine.parallel.config import ParallelConfig
 from engine.config.train import TrainConfig
 
 from .activations import (DispatchRows, MicroBatchShape, dispatcher_buffer_bytes, embedding_bytes,
-                          head_bytes, layer_bytes, loss_working_bytes, rematerialised_bytes,
+                          head_bytes, layer_bytes, loss_slice_bytes, loss_working_bytes, rematerialised_bytes,
                           routed_bytes)
 from .schedule_memory import in_flight_per_chunk, schedule_name
 from .shards import (ChunkKinds, ParamCount, kind_layer_id, largest_params, rank_chunks, rank_params,
@@ -144,6 +144,7 @@ class _LayerFigures:
         self.chunk_output = mb.act_bytes * mb.sp_tokens * cfg.hidden_size
         # the loss backward: the logits' gradient and one fp32 softmax slice
         self.logits = loss_working_bytes(cfg, mb)
+        self.loss_slice = loss_slice_bytes(cfg, mb)
 
     def chunk_layers(self, kinds: ChunkKinds) -> int:
         return kinds.dense * self.saved[False] + kinds.moe * self.saved[True]

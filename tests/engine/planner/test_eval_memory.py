@@ -9,7 +9,8 @@ few allocations: the same evaluation (etp, rank 0) peaked at 3.21, 3.48 or 3.87 
 run to the next (2026-12-03), and the largest once exceeded the bound (-6.8%). The least of
 three is the program's own footprint.
 Bounds: params exact (the same shards); activations never below the measured peak (an
-upper bound by construction) and at most 60% above it (measured: 4-56%, printed below);
+upper bound by construction) and at most 60% above it (measured: 4-56%, printed below;
+100% for the large-vocabulary last stage, see CASES);
 these tiny layers are activation-heavy, at real size the weights dominate the total.
 """
 from __future__ import annotations
@@ -34,7 +35,16 @@ CASES = [
     ("cp", {"cp": 2}, {}),
     ("pp 1f1b", {"pp": 2}, {}),
     ("pp interleaved, 8 micro-batches", {"pp": 2, "vpp": 2}, {"micro_batch_size": 1}),
+    # The head and loss outweigh a layer on the last stage. The model counts the GPU's loss
+    # slice (2^24 fp32, engine/tensor_parallel/cross_entropy.py), an upper bound of the CPU's
+    # 2^18: here the whole 16.8 MB of fp32 logits against 1 MB, hence its looser upper bound.
+    ("pp 1f1b, vocab 16384", {"pp": 2}, {}, {"vocab_size": 16384}),
 ]
+LOOSER = {"pp 1f1b, vocab 16384": 1.0}
+
+
+def _model(case):
+    return get_preset("tiny-moe", **{**MODEL, **(case[3] if len(case) > 3 else {})})
 
 
 def _measure(rank, world, cases):
@@ -45,9 +55,9 @@ def _measure(rank, world, cases):
     from engine.testing.parity import synthetic_global_batch
     from engine.train.evaluate import Evaluator
 
-    cfg = get_preset("tiny-moe", **MODEL)
     out = {}
-    for name, layout, train in cases:
+    for case in cases:
+        (name, layout, train), cfg = case[:3], _model(case)
         train_cfg = TrainConfig(**{**BASE, **train})
         mesh = FoldedMesh(ParallelConfig(world_size=world, **layout))
         model = build_model(cfg, train_cfg, mesh)
@@ -74,9 +84,9 @@ def measured():
 
 @pytest.mark.slow
 def test_eval_memory_model_bounds_the_real_forward(measured):
-    cfg = get_preset("tiny-moe", **MODEL)
     print("\nlayout, rank: predicted/measured - 1 for activations")
-    for name, layout, train in CASES:
+    for case in CASES:
+        (name, layout, train), cfg = case[:3], _model(case)
         est = estimate_eval_memory(cfg, ParallelConfig(world_size=2, **layout), TrainConfig(**{**BASE, **train}))
         for rank, per_case in enumerate(measured):
             got = per_case[name]
@@ -85,7 +95,7 @@ def test_eval_memory_model_bounds_the_real_forward(measured):
             print(f"  {name:<34} {rank}  {ratio:+.3f}")
             assert pred.params == got["params"], (name, rank)
             assert pred.grads == pred.optimizer == 0
-            assert 0 <= ratio <= 0.6, (name, rank, ratio)
+            assert 0 <= ratio <= LOOSER.get(name, 0.6), (name, rank, ratio)
 
 
 def test_eval_holds_the_weights_alone():
