@@ -41,8 +41,10 @@ from .memory import RankInfo, dispatch_rows, owned_elements, rank_infos
 from .shards import kind_layer_id, local_kv_heads
 
 # aten operators per layer, forward + backward (one process, engine/models + engine/moe,
-# counted with a TorchDispatchMode; the grouped-GEMM experts add none per local expert)
-OPS = {"dense_layer": 260, "moe_layer": 347, "shared": 47, "ends": 51}
+# counted with a TorchDispatchMode; the grouped-GEMM experts add none per local expert).
+# "ends": embedding + head + loss at one loss slice; 51 before the chunked loss, which
+# added 44 (tp = 1 ran F.cross_entropy's few fused operators).
+OPS = {"dense_layer": 260, "moe_layer": 347, "shared": 47, "ends": 95}
 LOSS_ALL_REDUCES = 2       # engine/tensor_parallel/cross_entropy.py: 3 fp32 per token, forward only
 LOSS_OPS_PER_SLICE = 10    # its aten operators per row slice after the first, forward + backward
 ADAM_BYTES_PER_ELEM = 30   # read grad, master, 2 moments; write master, 2 moments, param
