@@ -81,7 +81,7 @@ class FlatBucket:
         return [slot.name for slot, p in zip(self.plan.slots, self.params)
                 if slot.numel and p.data_ptr() != base + slot.offset * size]
 
-    def scale_grad_(self, coef: torch.Tensor | float) -> None:
+    def scale_grad_(self, coef: torch.Tensor) -> None:
         self.reduced_grad().mul_(coef)
         self._gathered_grad = None
 

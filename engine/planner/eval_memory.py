@@ -7,8 +7,8 @@ Per PP rank:
 - activations: nothing is kept for a backward, so the peak is one layer's forward, bounded
   above by everything that layer writes (what training keeps of it, plus the token
   exchange of a MoE layer), or on the last stage the head's input, its logits and the
-  loss's one fp32 row slice (whichever is larger), plus the pipeline's buffers in flight: the received
-  input and the sent output of one chunk (the executor releases each output once sent,
+  loss's one fp32 row slice (whichever is larger), plus the pipeline's buffers in flight:
+  the received input and the sent output of one chunk (the executor releases each output once sent,
   engine/pipeline/executor.py). An upper bound by construction: the measured forward
   peaks are 4-56% below it on CPU (tests/engine/planner/test_eval_memory.py) while the
   weights are exact, and at real size the weights dominate.

@@ -21,6 +21,7 @@ def tp_loss(logits_local: torch.Tensor, labels: torch.Tensor, mesh: FoldedMesh,
     count on the TP axis of the mesh's Traffic.
     """
     if mesh.size("tp") == 1:
-        return vocab_parallel_cross_entropy(logits_local, labels, None, IGNORE_INDEX)
-    comm = comm if comm is not None else TPComm(mesh.group("tp"), mesh.traffic)
+        comm = None                      # the whole vocabulary is here: no all-reduces
+    elif comm is None:
+        comm = TPComm(mesh.group("tp"), mesh.traffic)
     return vocab_parallel_cross_entropy(logits_local, labels, comm, IGNORE_INDEX)
