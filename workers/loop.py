@@ -141,7 +141,8 @@ def _build_and_train(spec: JobSpec, reporter: Reporter, heartbeat: Heartbeat, ra
                                    train.global_batch_size) if train.eval_every else [])
     evaluator = Evaluator(trainer)
     manager = CheckpointManager(spec.checkpoint_dir, spec.checkpoint_keep, rank, world,
-                                barrier=dist.barrier, commit_timeout_s=spec.collective_timeout_s)
+                                barrier=dist.barrier, commit_timeout_s=spec.collective_timeout_s,
+                                own_since_unix=spec.resume_since_unix)
     resumed_from = resume(trainer, manager, spec, reporter)
     checkpoint_loaded_at = time.time()
     peak, peak_source = peak_flops_per_device(device, spec.train.precision)

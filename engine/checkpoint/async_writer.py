@@ -81,6 +81,11 @@ class BackgroundWrite:
     def done(self) -> bool:
         return self._thread is None or not self._thread.is_alive()
 
+    @property
+    def error(self) -> BaseException | None:
+        """What the write raised (None while running, or when it succeeded)."""
+        return self._error if self.done() else None
+
     def wait(self) -> None:
         if self._thread is not None:
             self._thread.join()

@@ -24,8 +24,8 @@ import time
 from typing import Any, Callable
 
 from .files import read_json, rename_durable, write_json_durable
-from .manager import (CheckpointError, CorruptCheckpointError, complete_checkpoints, rank_file_names,
-                      read_manifest, verify_file)
+from .manager import (CheckpointError, CorruptCheckpointError, complete_checkpoints, created_since,
+                      rank_file_names, read_manifest, verify_file)
 
 QUARANTINE = "quarantine"
 _RANK_FILE = re.compile(r"rank\d{5,}\.(safetensors|json)")
@@ -119,15 +119,6 @@ def _alone(value: Any) -> list[Any]:
 
 def _to_stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def created_since(path: str, since_unix: float) -> bool:
-    """Whether the checkpoint at `path` was written at or after `since_unix` (its manifest's
-    created_unix); a manifest that cannot be read is not counted as this job's."""
-    try:
-        return float(read_manifest(path).get("created_unix", 0.0)) >= since_unix
-    except (CheckpointError, OSError, TypeError, ValueError):
-        return False
 
 
 def load_newest_verified(root: str, try_load: Callable[[str], Any], *, rank: int = 0,

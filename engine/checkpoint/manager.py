@@ -6,6 +6,7 @@ Layout of `root` (a directory visible to every rank):
     step00000020/rank00000.json           rank 0's "shards" and "meta"
     step00000020/rank00000.sha256.json    rank 0's own hashes, merged by rank 0 into the manifest
     .tmp-step00000030/                    a save in progress (or killed): ignored, cleaned later
+    superseded/step00000010-<ns>/          an earlier run's step 10, replaced by a --no-resume job's
 A checkpoint is complete iff its directory is named stepNNNNNNNN and holds manifest.json;
 rank 0 writes the manifest only after every rank's files are on disk, then renames, so a
 save killed at any point (also a background one, engine/checkpoint/async_writer.py)
@@ -32,6 +33,7 @@ MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"step(\d{8,})")
 _TMP_PREFIX = ".tmp-step"
 _OLD_PREFIX = ".old-step"
+SUPERSEDED = "superseded"   # an earlier run's checkpoints that a --no-resume job's replaced
 _MANIFEST_KEYS = ("step", "world_size", "layout", "files")
 
 
@@ -62,17 +64,20 @@ class CheckpointManager:
     keep: number of newest complete checkpoints kept (0 keeps all).
     barrier: blocks until every rank arrives (e.g. `torch.distributed.barrier`).
     commit_timeout_s: how long rank 0's background commit waits for the other ranks' files.
+    own_since_unix: a --no-resume job's start: the rotation counts only the checkpoints
+        written at or after it (manifest created_unix) and never deletes an older run's.
     """
 
     def __init__(self, root_dir: str, keep: int, rank: int, world_size: int,
-                 barrier: Callable[[], None], commit_timeout_s: float = 600.0):
+                 barrier: Callable[[], None], commit_timeout_s: float = 600.0,
+                 own_since_unix: float | None = None):
         if keep < 0:
             raise ValueError(f"keep={keep}: must be >= 0 (0 keeps every checkpoint)")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} is outside world_size={world_size}")
         self.root = os.path.abspath(root_dir)
         self.keep, self.rank, self.world_size, self.barrier = keep, rank, world_size, barrier
-        self.commit_timeout_s = commit_timeout_s
+        self.commit_timeout_s, self.own_since_unix = commit_timeout_s, own_since_unix
         self._snapshot = HostSnapshot()
         self._inflight: BackgroundWrite | None = None
         self._unreported: list[BackgroundWrite] = []
@@ -144,9 +149,20 @@ class CheckpointManager:
 
     def finished_writes(self) -> list[dict]:
         """[{"step", "write_s"}] of the writes that finished since the last call (never
-        blocks: a write still running is reported by a later call)."""
+        blocks: a write still running is reported by a later call). A background write that
+        failed raises CheckpointError here, at the first step after it ended, instead of
+        leaving the run without checkpoints until the next save finds out."""
         done = [w for w in self._unreported if w.done()]
         self._unreported = [w for w in self._unreported if not w.done()]
+        for write in done:
+            if write.error is not None:
+                if self._inflight is write:
+                    self._inflight = None
+                newest = self.latest()
+                raise CheckpointError(
+                    f"checkpoint of step {write.step} failed on rank {self.rank}: "
+                    f"{type(write.error).__name__}: {write.error}; it stays unpublished, the "
+                    f"newest complete one is {newest or 'none'}") from write.error
         return [{"step": w.step, "write_s": w.seconds} for w in done]
 
     def _write_rank_files(self, tmp: str, state: dict) -> None:
@@ -180,8 +196,14 @@ class CheckpointManager:
         fsync_dir(tmp)
 
     def _publish(self, tmp: str, final: str) -> None:
-        """Atomic rename; a complete checkpoint of the same step is replaced, not merged."""
+        """Atomic rename; a complete checkpoint of the same step is replaced, not merged. An
+        earlier run's (before own_since_unix) is moved to superseded/ instead of deleted."""
         old = None
+        if self.own_since_unix is not None and os.path.isfile(os.path.join(final, MANIFEST)) \
+                and not created_since(final, self.own_since_unix):
+            aside = os.path.join(self.root, SUPERSEDED, f"{os.path.basename(final)}-{time.time_ns()}")
+            os.makedirs(os.path.dirname(aside), exist_ok=True)
+            rename_durable(final, aside)
         if os.path.exists(final):
             old = os.path.join(self.root, f"{_OLD_PREFIX}{os.path.basename(final)[4:]}")
             shutil.rmtree(old, ignore_errors=True)
@@ -197,7 +219,9 @@ class CheckpointManager:
                   if name.startswith((_TMP_PREFIX, _OLD_PREFIX))
                   or (_STEP_DIR.fullmatch(name) and os.path.join(self.root, name) not in complete)]
         if self.keep:
-            doomed += [path for _, path in self.checkpoints()[:-self.keep]]
+            own = [path for _, path in self.checkpoints()
+                   if self.own_since_unix is None or created_since(path, self.own_since_unix)]
+            doomed += own[:-self.keep]
         for path in doomed:
             shutil.rmtree(path, ignore_errors=True)
 
@@ -312,6 +336,15 @@ def complete_checkpoints(root_dir: str) -> list[tuple[int, str]]:
         if match and os.path.isfile(os.path.join(path, MANIFEST)):
             found.append((int(match.group(1)), path))
     return sorted(found)
+
+
+def created_since(path: str, since_unix: float) -> bool:
+    """Whether the checkpoint at `path` was written at or after `since_unix` (its manifest's
+    created_unix); a manifest that cannot be read is not counted as this job's."""
+    try:
+        return float(read_manifest(path).get("created_unix", 0.0)) >= since_unix
+    except (CheckpointError, OSError, TypeError, ValueError):
+        return False
 
 
 def latest_checkpoint(root_dir: str) -> str | None:

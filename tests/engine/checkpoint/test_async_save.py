@@ -123,6 +123,32 @@ def test_an_error_in_the_background_write_is_raised_by_the_next_wait(tmp_path, m
     assert manager.latest() is None
 
 
+def test_a_failed_background_write_is_raised_at_the_first_step_after_it(tmp_path, monkeypatch):
+    # Not at the next save, an interval later: until then the run would have no new
+    # checkpoint, and the next save (perhaps the preemption one) would be lost as well.
+    manager = CheckpointManager(str(tmp_path), keep=0, rank=0, world_size=1, barrier=lambda: None)
+    manager.save(10, _state(10))
+    real_save_file = manager_module.save_file
+
+    def failing_save_file(tensors, path):
+        with open(path, "wb") as handle:   # a partial file, then the disk is full
+            handle.write(b"\0" * 100)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(manager_module, "save_file", failing_save_file)
+    manager.save(20, _state(20), background=True)
+    deadline = time.monotonic() + 30
+    while manager._inflight is not None and not manager._inflight.done() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with pytest.raises(CheckpointError, match=r"step 20 failed on rank 0: OSError: .*No space left.*"
+                                              r"newest complete one is .*step00000010"):
+        manager.finished_writes()
+    assert [step for step, _ in manager.checkpoints()] == [10]
+    monkeypatch.setattr(manager_module, "save_file", real_save_file)
+    manager.save(30, _state(30))          # the failure is not raised a second time
+    assert manager.finished_writes()[0]["step"] == 30
+
+
 def test_commit_names_the_rank_whose_files_never_came(tmp_path):
     manager = CheckpointManager(str(tmp_path), keep=0, rank=0, world_size=2, barrier=lambda: None,
                                 commit_timeout_s=0.3)

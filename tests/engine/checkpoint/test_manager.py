@@ -3,6 +3,7 @@ checkpoints, world-size and layout refusal."""
 import hashlib
 import json
 import os
+import time
 
 import pytest
 import torch
@@ -64,6 +65,31 @@ def test_keeps_newest_n(tmp_path):
     for step in (1, 2, 3):
         keep_all.save(step, _state(step))
     assert len(keep_all.checkpoints()) == 3
+
+
+def test_a_no_resume_job_rotates_only_its_own_checkpoints(tmp_path):
+    # --no-resume keeps an earlier run's checkpoints: keep=2 must not count (and delete)
+    # the new job's step 10 against the old run's newer-numbered 500 and 1000.
+    old = _manager(tmp_path, keep=2)
+    for step in (500, 1000):
+        old.save(step, _state(step))
+    start = time.time()
+    new = CheckpointManager(str(tmp_path), keep=2, rank=0, world_size=1, barrier=lambda: None,
+                            own_since_unix=start)
+    for step in (10, 20, 30, 600):
+        new.save(step, _state(step))
+    assert [step for step, _ in new.checkpoints()] == [30, 500, 600, 1000]
+    # A step the old run also saved: the old one is moved aside, not deleted.
+    new.save(1000, _state(1000, seed=1))
+    assert [step for step, _ in new.checkpoints()] == [500, 600, 1000]
+    aside, = os.listdir(tmp_path / "superseded")
+    assert aside.startswith("step00001000-")
+    assert not torch.equal(new.load(new.latest())["tensors"]["half"],
+                           new.load(str(tmp_path / "superseded" / aside))["tensors"]["half"])
+    # Without own_since_unix the same directory rotates by step number, as before.
+    plain = _manager(tmp_path, keep=2)
+    plain.save(40, _state(40))
+    assert [step for step, _ in plain.checkpoints()] == [600, 1000]
 
 
 def test_partial_checkpoints_are_ignored_then_cleaned(tmp_path):
