@@ -20,7 +20,12 @@ from engine.config.model import ModelConfig, MoEConfig
 from engine.models.init import global_coords
 from engine.models.transformer import MoETransformer
 
+from engine.checkpoint.fallback import verify_structure
+from engine.checkpoint.files import fsync_file, write_json_durable
+from engine.checkpoint.manager import CheckpointError, verify_file
+
 from .config import hf_config_from_model, model_type_of
+from .hf_publish import CONFIG_NAME, INDEX_NAME, ExportError, publish, staging_dir
 from .names import hf_tensor_map, rope_rows_to_hf
 from .stream_writer import StreamingSafetensorsWriter, read_header, read_rows, tensor_bytes
 
@@ -41,10 +46,6 @@ class HFTensor:
     expert: int | None         # stacked experts: which one
     shape: tuple[int, ...]     # HF shape
     dtype: torch.dtype
-
-
-class ExportError(ValueError):
-    """The checkpoint cannot be exported (missing files, incomplete shards)."""
 
 
 def _freeze(slices) -> tuple:
@@ -78,6 +79,9 @@ def read_checkpoint_layout(step_dir: str) -> tuple[ModelConfig, dict[str, list[S
         raise ExportError(f"{step_dir}: the checkpoint records no model config (written before export support)")
     moe = MoEConfig(**model.pop("moe"))
     return ModelConfig(**model, moe=moe), shards, {k: _torch_dtype(v) for k, v in dtypes.items()}
+
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
 def _torch_dtype(code: str) -> torch.dtype:
@@ -189,23 +193,60 @@ def split_files(tensors: list[HFTensor], max_file_bytes: int) -> list[list[HFTen
     return files + [current] if current else files
 
 
+def verified_manifest(step_dir: str) -> dict:
+    """The manifest after the checks that read no tensor data (every file there, at its
+    recorded size): a killed or edited checkpoint is refused before anything is opened."""
+    names = os.listdir(step_dir)
+    if "manifest.json" not in names and not any(n.startswith("rank") for n in names):
+        raise ExportError(f"{step_dir}: no manifest.json and no rank files; not a foldmoe "
+                          "checkpoint step directory (e.g. checkpoints/run/step00000100)")
+    try:
+        return verify_structure(step_dir)[0]
+    except CheckpointError as err:
+        raise ExportError(str(err)) from None
+
+
+def verify_read_files(step_dir: str, manifest: dict, shards: dict[str, list[Shard]]) -> None:
+    """The SHA-256 of the rank files the export reads (replica-only files are skipped): a
+    bit-rotted checkpoint is refused, never published as a model."""
+    try:
+        for path in sorted({shard.path for group in shards.values() for shard in group}):
+            verify_file(step_dir, os.path.basename(path), manifest)
+    except CheckpointError as err:
+        raise ExportError(str(err)) from None
+
+
 def export_checkpoint(step_dir: str, out_dir: str, *, model_type: str | None = None,
                       max_file_bytes: int = 5 * 2**30, buffer_bytes: int = 16 * 2**20,
                       progress=None) -> dict:
-    """Writes config.json, model-XXXXX-of-YYYYY.safetensors and model.safetensors.index.json.
-    `progress(done, total)` is called after each tensor. Returns the index."""
+    """Writes config.json, model-XXXXX-of-YYYYY.safetensors and model.safetensors.index.json
+    into a temporary sibling of `out_dir`, then moves them in (hf_publish.py): an export
+    that fails or is killed leaves `out_dir` as it was. `progress(done, total)` is called
+    after each tensor. Returns the index."""
+    manifest = verified_manifest(step_dir)
     cfg, shards, dtypes = read_checkpoint_layout(step_dir)
     model_type = model_type or model_type_of(cfg)
     hf_config = hf_config_from_model(cfg, model_type)
     tensors = plan_tensors(cfg, model_type, dtypes)
+    verify_read_files(step_dir, manifest, shards)
+    with staging_dir(out_dir) as tmp:
+        index = _write_model(tmp, cfg, model_type, tensors, shards, max_file_bytes, buffer_bytes, progress)
+        hf_config["dtype"] = hf_config["torch_dtype"] = _DTYPE_NAMES[tensors[0].dtype]
+        write_json_durable(os.path.join(tmp, CONFIG_NAME), hf_config)
+        write_json_durable(os.path.join(tmp, INDEX_NAME), index)
+        publish(tmp, out_dir)
+    return index
+
+
+def _write_model(tmp: str, cfg: ModelConfig, model_type: str, tensors: list[HFTensor],
+                 shards: dict[str, list[Shard]], max_file_bytes: int, buffer_bytes: int, progress) -> dict:
     shapes = full_shapes(cfg)
-    os.makedirs(out_dir, exist_ok=True)
     groups = split_files(tensors, max_file_bytes)
     weight_map, done = {}, 0
     for number, group in enumerate(groups, start=1):
         file_name = f"model-{number:05d}-of-{len(groups):05d}.safetensors"
         entries = [(t.hf_name, t.shape, t.dtype) for t in group]
-        with StreamingSafetensorsWriter(os.path.join(out_dir, file_name), entries, {"format": "pt"}) as writer:
+        with StreamingSafetensorsWriter(os.path.join(tmp, file_name), entries, {"format": "pt"}) as writer:
             for tensor in group:
                 writer.write(tensor.hf_name, assemble(tensor, shards[tensor.name], cfg, model_type,
                                                       shapes[tensor.name], buffer_bytes))
@@ -213,11 +254,6 @@ def export_checkpoint(step_dir: str, out_dir: str, *, model_type: str | None = N
                 done += 1
                 if progress is not None:
                     progress(done, len(tensors))
+        fsync_file(os.path.join(tmp, file_name))
     total = sum(tensor_bytes(t.shape, t.dtype) for t in tensors)
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    with open(os.path.join(out_dir, "model.safetensors.index.json"), "w", encoding="utf-8") as handle:
-        json.dump(index, handle, indent=2)
-    hf_config["dtype"] = {torch.float32: "float32", torch.bfloat16: "bfloat16"}.get(tensors[0].dtype, "float32")
-    with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as handle:
-        json.dump(hf_config, handle, indent=2)
-    return index
+    return {"metadata": {"total_size": total}, "weight_map": weight_map}
