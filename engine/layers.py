@@ -27,8 +27,10 @@ class RMSNorm(nn.Module):
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin [..., s, d/2] for integer positions (any order: CP shards are not contiguous)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-    angles = positions.to(torch.float64).unsqueeze(-1) * inv_freq.to(positions.device)
+    # Made on positions' device: a host tensor copied there would synchronise a CUDA stream.
+    dims = torch.arange(0, head_dim, 2, dtype=torch.float64, device=positions.device)
+    inv_freq = 1.0 / theta ** (dims / head_dim)
+    angles = positions.to(torch.float64).unsqueeze(-1) * inv_freq
     return angles.cos().float(), angles.sin().float()
 
 

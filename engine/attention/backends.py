@@ -26,7 +26,11 @@ def _installed(name: str) -> bool:
     return name == "math" or _MODULES[name].is_available()
 
 
-def _unavailable_reason(name: str, device: torch.device, dtype: torch.dtype) -> str | None:
+_HEAD_DIMS = {"flash_attn": flash_attn_backend.HEAD_DIMS, "triton": triton_backend.HEAD_DIMS}
+
+
+def _unavailable_reason(name: str, device: torch.device, dtype: torch.dtype,
+                        head_dim: int | None = None) -> str | None:
     if not _installed(name):
         return "not installed or no CUDA device" if name in ("flash_attn", "triton") else "not in this torch"
     wanted = _DEVICE_TYPE.get(name)
@@ -34,21 +38,24 @@ def _unavailable_reason(name: str, device: torch.device, dtype: torch.dtype) -> 
         return f"needs {wanted} tensors, got {device.type}"
     if name == "flash_attn" and dtype not in flash_attn_backend.HALF_DTYPES:
         return f"needs float16/bfloat16, got {dtype}"
+    if head_dim is not None and name in _HEAD_DIMS and head_dim not in _HEAD_DIMS[name]:
+        return f"no kernel for head dim {head_dim}"
     return None
 
 
-def _auto_choice(device: torch.device, dtype: torch.dtype) -> str:
+def _auto_choice(device: torch.device, dtype: torch.dtype, head_dim: int | None) -> str:
     order = ("flash_attn", "triton", "math") if device.type == "cuda" else ("cpu", "math")
-    return next(name for name in order if _unavailable_reason(name, device, dtype) is None)
+    return next(name for name in order if _unavailable_reason(name, device, dtype, head_dim) is None)
 
 
-def resolve_backend(name: str, device: torch.device, dtype: torch.dtype):
-    """The backend module for `name` ("auto" picks flash_attn > triton > math on CUDA, cpu on CPU)."""
+def resolve_backend(name: str, device: torch.device, dtype: torch.dtype, head_dim: int | None = None):
+    """The backend module for `name` ("auto" picks flash_attn > triton > math on CUDA, cpu on
+    CPU, skipping a kernel that has no variant for `head_dim`)."""
     if name not in BACKEND_NAMES:
         raise ValueError(f"attention backend {name!r}: expected one of {BACKEND_NAMES}")
     if name == "auto":
-        name = _auto_choice(device, dtype)
-    reason = _unavailable_reason(name, device, dtype)
+        name = _auto_choice(device, dtype, head_dim)
+    reason = _unavailable_reason(name, device, dtype, head_dim)
     if reason is not None:
         raise BackendUnavailableError(f"attention backend {name!r} is unavailable: {reason}")
     return _MODULES[name]

@@ -49,7 +49,7 @@ def _masked_rows(q_bsnd, k_bsnd, causal: bool) -> int:
 def block_forward(q_bsnd, k_bsnd, v_bsnd, *, causal: bool, scale: float, backend: str = "auto"):
     """(out_bsnd in q's dtype, lse_bns float32) of softmax(q k^T * scale) v over this key block."""
     _check_shapes(q_bsnd, k_bsnd, v_bsnd)
-    impl = resolve_backend(backend, q_bsnd.device, q_bsnd.dtype)
+    impl = resolve_backend(backend, q_bsnd.device, q_bsnd.dtype, q_bsnd.shape[-1])
     skip = _masked_rows(q_bsnd, k_bsnd, causal)
     q_live = q_bsnd[:, skip:]
     if not impl.NATIVE_GQA:
@@ -71,7 +71,7 @@ def block_backward(dout_bsnd, q_bsnd, k_bsnd, v_bsnd, out_bsnd, lse_bns, *, caus
                    backend: str = "auto"):
     """(dq, dk, dv) of this key block, given the global out and lse of the rows of q."""
     _check_shapes(q_bsnd, k_bsnd, v_bsnd)
-    impl = resolve_backend(backend, q_bsnd.device, q_bsnd.dtype)
+    impl = resolve_backend(backend, q_bsnd.device, q_bsnd.dtype, q_bsnd.shape[-1])
     skip = _masked_rows(q_bsnd, k_bsnd, causal)
     num_kv_heads = k_bsnd.shape[2]
     if not impl.NATIVE_GQA:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 NAME = "flash_attn"
 NATIVE_GQA = True
 HALF_DTYPES = (torch.float16, torch.bfloat16)
+HEAD_DIMS = range(1, 257)    # flash-attn 2 kernels go to 256; forward() pads to a multiple of 8
 _TENSOR_PARAMS_FWD = ("q", "k", "v")
 _TENSOR_PARAMS_BWD = ("dout", "q", "k", "v", "out", "softmax_lse", "dq", "dk", "dv")
 

@@ -7,6 +7,7 @@ import torch
 
 NAME = "triton"
 NATIVE_GQA = True
+HEAD_DIMS = (16, 32, 64, 128)   # engine.attention.triton_flash.SUPPORTED_HEAD_DIMS (imports triton)
 
 
 def _kernels():

@@ -244,5 +244,8 @@ class ReshardReader:
         else:
             values = self._read_flat(shard, src_flat[keep])
         dest = my_flat[keep] - t_lo
-        (out.view(-1) if out_is_nd else out)[dest] = values.to(out.dtype)
+        # index_put_ needs the values on out's device (a CUDA optimizer buffer); the file's
+        # values and the positions are on the host.
+        target = out.view(-1) if out_is_nd else out
+        target[dest.to(out.device)] = values.to(out.device, out.dtype)
         filled[dest] = True

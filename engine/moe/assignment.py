@@ -76,7 +76,7 @@ def _dropless(probs_tk, experts_tk, num_experts) -> Assignments:
     n = expert_f.numel()
     return Assignments(torch.div(order, top_k, rounding_mode="floor"), expert_f[order], prob_f[order],
                        count_per_key(expert_f, num_experts), n,
-                       torch.tensor(n, device=expert_f.device), n)
+                       torch.full((), n, dtype=torch.long, device=expert_f.device), n)
 
 
 @dataclass
@@ -93,7 +93,8 @@ def _groups(num_tokens, top_k, num_experts, capacity_factor, group_ids_t, device
     if group_ids_t is None:        # one group: sizes from the shape alone
         cap = expert_capacity(num_tokens, top_k, num_experts, capacity_factor)
         return _Groups(torch.zeros(num_tokens, dtype=torch.long, device=device),
-                       torch.tensor([num_tokens], device=device), torch.tensor([cap], device=device),
+                       torch.full((1,), num_tokens, dtype=torch.long, device=device),
+                       torch.full((1,), cap, dtype=torch.long, device=device),
                        [num_tokens], [cap])
     num_groups = int(group_ids_t.max()) + 1 if num_tokens else 1    # reference path: host read
     tokens_g = count_per_key(group_ids_t, num_groups)

@@ -53,9 +53,12 @@ def grouped_gemm_supported(x_nh: torch.Tensor, w_ehf: torch.Tensor) -> bool:
         ok_dtype = x_nh.dtype == torch.bfloat16 and (major >= 9 or (major >= 8 and _PUBLIC_GROUPED_MM))
     else:
         return False
-    # Forward and both backward GEMMs read rows of length h and F: 16-byte aligned strides.
+    # Forward and both backward GEMMs read rows of length h and F: 16-byte aligned strides,
+    # and the CUDA kernel also wants 16-byte aligned base pointers (a weight is a view at
+    # any element offset of its optimizer bucket; CPU accepts any).
     aligned = all(size * x_nh.element_size() % 16 == 0 for size in w_ehf.shape[1:])
-    return ok_dtype and aligned
+    based = x_nh.device.type == "cpu" or (x_nh.data_ptr() % 16 == 0 and w_ehf.data_ptr() % 16 == 0)
+    return ok_dtype and aligned and based
 
 
 def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
@@ -154,7 +157,7 @@ def grouped_swiglu(x_nh: torch.Tensor, counts_e: torch.Tensor, w_gate_ehf: torch
     """
     if counts_e.numel() != w_gate_ehf.shape[0]:
         raise ValueError(f"got counts for {counts_e.numel()} experts, weights for {w_gate_ehf.shape[0]}")
-    if grouped_gemm_supported(x_nh, w_gate_ehf):
+    if all(grouped_gemm_supported(x_nh, w) for w in (w_gate_ehf, w_up_ehf, w_down_efh)):
         return _swiglu_grouped(x_nh, counts_e, w_gate_ehf, w_up_ehf, w_down_efh, has_tail)
     return _swiglu_unbind(x_nh, counts_e, w_gate_ehf, w_up_ehf, w_down_efh)
 

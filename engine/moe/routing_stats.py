@@ -91,8 +91,10 @@ def local_routing_stats(routing: Routing, batch: int, num_kept: torch.Tensor, la
     if layout.seq_rows:
         pieces.extend(_per_sequence(routing, batch, slot, num_slots))
     lse_sq = routing.logits_te.detach().logsumexp(-1).double().pow(2).sum()
-    shape_scalars = torch.tensor([num_tokens, num_tokens * top_k], dtype=torch.float64, device=device)
-    pieces += [shape_scalars, num_kept.to(torch.float64).view(1), lse_sq.view(1)]
+    # torch.full, not torch.tensor: no host-to-device copy (which synchronises a CUDA stream).
+    shape_scalars = [torch.full((1,), n, dtype=torch.float64, device=device)
+                     for n in (num_tokens, num_tokens * top_k)]
+    pieces += [*shape_scalars, num_kept.to(torch.float64).view(1), lse_sq.view(1)]
     return torch.cat(pieces)
 
 

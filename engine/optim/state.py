@@ -33,12 +33,15 @@ def owned_views(bucket: FlatBucket):
 
 
 def optimizer_state(buckets: list[FlatBucket], adam_step: int, zero1: bool) -> dict:
+    """Views of the live state, as torch's Optimizer.state_dict() returns its tensors: a
+    device copy would add 8-12 bytes per owned element at every save (the checkpoint
+    writers copy to the host themselves)."""
     out: dict = {"adam_step": adam_step, "zero1": zero1}
     for bucket in buckets:
         for name, owned, views in owned_views(bucket):
             out[f"range/{name}"] = owned
             for kind, view in views.items():
-                out[f"{kind}/{name}"] = view.detach().clone()
+                out[f"{kind}/{name}"] = view.detach()
     return out
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import traceback
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 READ_METHODS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
 
@@ -43,3 +44,21 @@ class HostReadCounter:
                 delattr(torch.Tensor, name)
             else:
                 setattr(torch.Tensor, name, saved)
+
+
+class HostDataCounter(TorchDispatchMode):
+    """`with HostDataCounter() as built: ...`, then `built.sites`: every tensor made from
+    Python data (`torch.tensor`, `new_tensor`: aten.lift_fresh). On a GPU each is a copy
+    from pageable host memory, which PyTorch completes with a stream synchronisation, so a
+    hot path should make none; `torch.full` / `arange` on the device launch a kernel instead."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sites: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.lift_fresh.default:
+            frame = next((f for f in reversed(traceback.extract_stack()[:-1])
+                          if "torch" not in f.filename.split("/site-packages/")[-1].split("/")[0]), None)
+            self.sites.append(f"{frame.filename}:{frame.lineno}" if frame else "?")
+        return func(*args, **(kwargs or {}))

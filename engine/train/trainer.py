@@ -167,9 +167,10 @@ class Trainer:
         # statistics, and for the grad norm that every stage holds alike) over pp, 0 off
         # the last stage for the LM loss.
         mesh = self.mesh
-        counted = torch.tensor([mesh.rank_in(Axis.TP) == 0]
-                               + [mesh.rank_in(Axis.STAGE) == 0] * (local.numel() - 2)
-                               + [True], device=self.device)   # every rank's own stop vote
+        counted = torch.full(local.shape, mesh.rank_in(Axis.STAGE) == 0, dtype=torch.bool,
+                             device=self.device)   # filled on the device: no host copy
+        counted[0].fill_(mesh.rank_in(Axis.TP) == 0)
+        counted[-1].fill_(True)                     # every rank's own stop vote
         values = torch.where(counted, local, zero)
         if mesh.size(Axis.STAGE) > 1:
             dist.all_reduce(values, group=mesh.group(Axis.STAGE))

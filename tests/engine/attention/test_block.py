@@ -119,6 +119,20 @@ def test_backend_resolution_and_errors():
             resolve_backend(name, cpu, torch.float16)
 
 
+def test_auto_skips_a_kernel_without_the_head_dim(monkeypatch):
+    # As on a GPU with flash-attn and Triton installed: fp32 rules out flash-attn, and Triton
+    # has kernels for 16/32/64/128 only, so head dim 80 (or 96) takes math, not an error.
+    from engine.attention import backends
+    monkeypatch.setattr(backends, "_installed", lambda name: True)
+    cuda = torch.device("cuda")
+    assert backends.resolve_backend("auto", cuda, torch.float32, 64).NAME == "triton"
+    assert backends.resolve_backend("auto", cuda, torch.float32, 80).NAME == "math"
+    assert backends.resolve_backend("auto", cuda, torch.bfloat16, 80).NAME == "flash_attn"
+    assert backends.resolve_backend("auto", cuda, torch.bfloat16, 320).NAME == "math"
+    with pytest.raises(BackendUnavailableError, match="triton.*no kernel for head dim 96"):
+        backends.resolve_backend("triton", cuda, torch.float32, 96)
+
+
 def test_shape_errors_are_clear():
     q, k, v, _ = _inputs(4, 4, 3, heads=4)
     with pytest.raises(ValueError, match="multiple of kv heads"):

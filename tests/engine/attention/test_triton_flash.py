@@ -283,3 +283,9 @@ def test_kernels_compile_for_sm90_without_gpu(tmp_path):
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     assert result.stdout.count("shared") == 5, result.stdout
+
+
+def test_the_backend_table_lists_the_kernels_head_dims():
+    from engine.attention import triton_backend
+    from engine.attention.triton_flash import SUPPORTED_HEAD_DIMS
+    assert triton_backend.HEAD_DIMS == SUPPORTED_HEAD_DIMS

@@ -78,6 +78,25 @@ def test_index_slices_and_flat_ranges(ckpt):
     assert torch.equal(second_row, GLOBAL[1, 0:3] * 10)
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device (benchmarks/gpu_checks.sh runs it)"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_both_read_paths_fill_a_tensor_on_the_model_device(ckpt, device):
+    # Optimizer state lives on the GPU: the element path (index_put_) must move the host's
+    # values there; the box path (copy_) crosses devices by itself.
+    reader = ReshardReader(ckpt, rank=0)
+    picked = [[0, [4, 1], None], [1, 2, 3]]
+    out = torch.empty(2, 3, device=device)
+    reader.fill_("model/w", out, picked, (2, 3))
+    moments = torch.empty(3, device=device)
+    reader.fill_("optim/m/w", moments, picked, (2, 3), (2, 5))
+    assert out.device.type == moments.device.type == device
+    assert torch.equal(out.cpu(), GLOBAL[[4, 1]][:, 2:5])
+    assert torch.equal(moments.cpu(), (GLOBAL[[4, 1]][:, 2:5] * 10).flatten()[2:5])
+
+
 def test_unchanged_layout_reads_only_its_own_file(ckpt):
     for rank in (0, 1):
         reader = ReshardReader(ckpt, rank=rank)

@@ -125,3 +125,17 @@ def test_grouped_experts_keep_two_ffn_tensors_and_autograds_gradients():
         results[-1].append(len(ffn_rows))
     assert results[0][-1] == 2 and results[1][-1] == 4
     assert all(torch.equal(a, b) for a, b in zip(results[0][:-1], results[1][:-1]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (benchmarks/gpu_checks.sh runs it)")
+def test_a_weight_off_16_byte_alignment_takes_the_loop_on_cuda():
+    # Weights are views at any element offset of an optimizer bucket; the CUDA grouped GEMM
+    # refuses a base pointer that is not 16-byte aligned, so such operands take the loop.
+    flat = torch.zeros(1 + 2 * 16 * 32, dtype=torch.bfloat16, device="cuda")
+    misaligned, aligned = flat[1:].view(2, 16, 32), flat[:-1].view(2, 16, 32)
+    x = torch.randn(8, 16, dtype=torch.bfloat16, device="cuda")
+    assert grouped_gemm_supported(x, aligned) == (torch.cuda.get_device_capability()[0] >= 8)
+    assert not grouped_gemm_supported(x, misaligned)
+    counts = torch.tensor([3, 5], device="cuda")
+    out = grouped_swiglu(x, counts, misaligned, misaligned, misaligned.transpose(1, 2).contiguous())
+    assert out.shape == (8, 16)

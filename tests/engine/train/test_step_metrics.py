@@ -8,7 +8,7 @@ from engine.config.model import get_preset
 from engine.config.train import TrainConfig
 from engine.parallel.config import ParallelConfig
 from engine.parallel.mesh import FoldedMesh
-from engine.testing.host_syncs import HostReadCounter
+from engine.testing.host_syncs import HostDataCounter, HostReadCounter
 from engine.testing.multiprocess import run_distributed
 from engine.testing.parity import synthetic_global_batch
 from engine.train.trainer import Trainer
@@ -65,3 +65,8 @@ def test_a_whole_step_reads_the_host_once():
         metrics = trainer.train_step(1, synthetic_global_batch(1, 4, 16, cfg.vocab_size))
     assert reads.count == 1, reads.sites
     assert isinstance(metrics["grad_norm"], float) and metrics["grad_norm"] > 1e-3   # it clipped
+    # Nor is any tensor made from host data: on a GPU each would be a pageable copy that
+    # synchronises the stream (there were 25 per step: 2 per MoE layer and micro-batch).
+    with HostDataCounter() as built:
+        trainer.train_step(2, synthetic_global_batch(2, 4, 16, cfg.vocab_size))
+    assert built.sites == []
