@@ -88,14 +88,26 @@ def check_worker_resources(run: RunConfig, supply: ClusterSupply) -> list[Findin
         how = (f"{needs.min_workers} workers x {_n(per_worker)} {resource} "
                f"({_workers_key(run)}, {_per_worker_key(resource)})")
         growth = "" if supply.autoscaler_max is None else " at the autoscaler's maximum"
+        # An autoscaler that does not report its maximum (KubeRay's, in Ray 2.60): what is
+        # there now says nothing about what can come, so a shortfall is the autoscaler's to fill.
+        unknown_max = supply.autoscaler_max is None and run.schema.cluster.autoscaling
+        if need > capacity and unknown_max:
+            findings.append(Finding("warn", (
+                f"{resource}: the job needs {_n(need)} ({how}); {supply.where} has {_n(capacity)} "
+                "now; cluster.autoscaling=true: Ray Train waits for the autoscaler to add nodes")))
+            continue
         if need > capacity:
+            hint = ("" if supply.autoscaler_max is not None or capacity > 0 else
+                    " (on an autoscaling cluster, e.g. KubeRay with workers from 0, set "
+                    "cluster.autoscaling=true)")
             findings.append(Finding("refuse", (
                 f"{resource}: the job needs {_n(need)} ({how}); {supply.where} has "
                 f"{_n(capacity)}{growth}; "
-                f"{_remedy(run, resource, math.floor(capacity / per_worker))}")))
+                f"{_remedy(run, resource, math.floor(capacity / per_worker))}{hint}")))
             continue
         largest = max((node.get(resource, 0.0) for node in supply.node_resources), default=None)
-        if supply.autoscaler_max is None and largest is not None and per_worker > largest:
+        if not unknown_max and supply.autoscaler_max is None and largest is not None \
+                and per_worker > largest:
             findings.append(Finding("refuse", (
                 f"{resource}: one worker needs {_n(per_worker)} ({_per_worker_key(resource)}) "
                 f"but the largest node of {supply.where} has {_n(largest)}; lower "
@@ -106,7 +118,7 @@ def check_worker_resources(run: RunConfig, supply: ClusterSupply) -> list[Findin
                 f"{resource}: {supply.where} has {_n(capacity)}{growth}, room for "
                 f"{math.floor(capacity / per_worker)} of the {needs.max_workers} elastic workers")))
         free = supply.available.get(resource, 0.0)
-        if need > free and supply.autoscaler_max is None:
+        if need > free and supply.autoscaler_max is None and not unknown_max:
             findings.append(Finding("warn", (
                 f"{resource}: {_n(need - free)} of the {_n(need)} needed are in use by other "
                 f"jobs on {supply.where}; Ray Train waits until they are free")))

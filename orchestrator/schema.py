@@ -109,6 +109,7 @@ class ClusterSection(BaseModel):
     straggler_steps: int = Field(3, ge=1)          # ... for this many consecutive steps
     resize_check_s: Float = Field(60.0, gt=0)  # elastic: how often Ray Train checks for room to grow
     placement_timeout_s: Optional[Float] = Field(None, gt=0)  # wait for a group's resources; null: 15 s elastic, Ray's 60 s fixed
+    autoscaling: bool = False                 # an autoscaler may add nodes the preflight cannot see
     gpu: Literal[GPU_KINDS] = "h100"          # datasheet row (engine/planner/devices.py)
     device_memory_gb: Optional[Float] = Field(None, gt=0)  # overrides the datasheet (10^9 bytes)
 

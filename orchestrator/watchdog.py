@@ -31,7 +31,10 @@ from typing import Callable
 from workers.events import EventWriter
 from workers.heartbeat import ray_node_id, read_heartbeat
 
-SETUP_PHASES = frozenset(("setup", "build", "load_checkpoint"))   # no progress expected
+# Phases that beat but make no progress for as long as their I/O takes (a save of a large
+# model to shared storage runs minutes, like a load); a hung collective inside them still
+# raises after cluster.collective_timeout_s, a frozen rank still stops beating.
+SETUP_PHASES = frozenset(("setup", "build", "load_checkpoint", "checkpoint"))
 GONE_PHASES = frozenset(("exited", "failed"))
 READ_INTERVAL_S = 0.5
 KILL_TASK_TIMEOUT_S = 30.0    # placing and running the signalling task on another node

@@ -34,8 +34,19 @@ def test_too_few_cpus_is_one_line_naming_need_supply_and_fix():
 def test_gpus_needed_on_a_cluster_without_any():
     run = load_config(TINY, ["cluster.use_gpu=true"])
     with pytest.raises(PreflightError, match=r"^GPU: the job needs 4 .* has 0; run it on a "
-                                             r"cluster with GPUs, or set cluster.use_gpu=false$"):
+                                             r"cluster with GPUs, or set cluster.use_gpu=false "
+                                             r"\(on an autoscaling cluster, .* set cluster.autoscaling=true\)$"):
         run_preflight(run, _cluster(cpus=64))
+
+
+def test_an_autoscaler_that_reports_no_maximum_leaves_the_shortfall_to_it():
+    # KubeRay's autoscaler (Ray 2.60) reports no cluster config: a cluster scaled to zero
+    # workers shows 0 GPU and 0 CPU (the head has num-cpus 0) until the job asks for them.
+    run = load_config(TINY, ["cluster.use_gpu=true", "cluster.cpus_per_worker=8", "cluster.autoscaling=true"])
+    warnings = run_preflight(run, _cluster(cpus=0, nodes=[{"CPU": 0.0}]))
+    assert [w.split(":")[0] for w in warnings] == ["CPU", "GPU"]
+    assert all("has 0 now; cluster.autoscaling=true: Ray Train waits for the autoscaler" in w
+               for w in warnings)
 
 
 def test_a_worker_larger_than_every_node_is_refused():

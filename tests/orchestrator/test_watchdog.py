@@ -50,12 +50,19 @@ def test_every_rank_alive_but_none_progressing_names_the_one_furthest_behind():
 
 
 def test_long_phases_that_keep_beating_are_not_hangs():
-    """Building the model or loading a checkpoint may take longer than the timeout."""
+    """Building the model, loading or saving a checkpoint may take longer than the timeout
+    (the last save of a run is synchronous: 40 GB a rank to shared storage takes minutes)."""
     detector = HangDetector(TIMEOUT)
     for t in range(0, 30):
         beats = [beat(r, t, 1, phase="load_checkpoint" if r == 0 else "build", step=None)
                  for r in range(2)]
         assert detector.observe(beats, now=float(t)) is None
+    saving = HangDetector(TIMEOUT)
+    for t in range(0, 30):
+        assert saving.observe([beat(r, t, 2, phase="checkpoint") for r in range(2)], now=float(t)) is None
+    # A rank frozen during the save still stops beating, and is named.
+    assert saving.observe([beat(0, 30, 2, phase="checkpoint"), beat(1, 29, 2, phase="checkpoint")],
+                          now=float(30 + TIMEOUT + 1))[0]["rank"] == 1
 
 
 def test_a_restarted_rank_starts_a_new_clock():
