@@ -204,11 +204,13 @@ def pretrained_model_config(s: RunSchema, overrides: dict) -> ModelConfig:
     """The model of `model.init_from`'s config.json; explicit keys may only change what keeps
     every tensor's shape (a shape key that differs is a contradiction)."""
     from engine.hf.config import HFConfigError, model_config_from_hf, read_hf_config
+    from engine.hf.reader import HFWeightError, check_names
     if "preset" in s.model.model_fields_set:
         raise ConfigError(f"model.preset={s.model.preset}: conflicts with model.init_from "
                           "(the shapes come from its config.json); set one of them")
     try:
-        base = model_config_from_hf(read_hf_config(s.model.init_from))
+        hf = read_hf_config(s.model.init_from)
+        base = model_config_from_hf(hf)
     except (HFConfigError, KeyError, OSError, ValueError) as err:
         raise ConfigError(f"model.init_from={s.model.init_from}: {err}") from None
     moe_fields = {f.name for f in dataclasses.fields(base.moe)}
@@ -221,7 +223,12 @@ def pretrained_model_config(s: RunSchema, overrides: dict) -> ModelConfig:
             label = f"model.{shown}" if shown else (f"moe.{name}" if is_moe else f"model.{key}")
             raise ConfigError(f"{label}={fmt_value(_plain(value))}: contradicts model.init_from "
                               f"config.json ({fmt_value(_plain(current))}); it would change tensor shapes")
-    return with_overrides(base, **overrides)
+    cfg = with_overrides(base, **overrides)
+    try:
+        check_names(s.model.init_from, cfg, hf["model_type"])
+    except (HFWeightError, OSError, ValueError) as err:
+        raise ConfigError(f"model.init_from={s.model.init_from}: {err}") from None
+    return cfg
 
 
 # Keys that change a tensor's shape or the set of tensors: fixed by the HF checkpoint.

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Sequence
 
 import torch
 from safetensors import safe_open
 
+from engine.config.model import ModelConfig
 from engine.models.init import global_coords
+from engine.models.transformer import MoETransformer
 
 from .config import model_config_from_hf, read_hf_config
 from .names import TensorMap, hf_tensor_map, rope_rows_to_hf
@@ -41,6 +44,40 @@ def weight_files(model_dir: str) -> dict[str, str]:
         raise HFWeightError(f"{model_dir}: neither {INDEX_FILE} nor {SINGLE_FILE} found")
     with safe_open(single, "pt") as handle:
         return {name: single for name in handle.keys()}
+
+
+# Tensors some HF checkpoints hold that no model computes with (older RoPE buffers).
+_IGNORED = re.compile(r".*\.rotary_emb\.inv_freq")
+
+
+def hf_names_of(cfg: ModelConfig, model_type: str) -> set[str]:
+    """Every HF tensor name the foldmoe model `cfg` reads (names only: a meta-device build)."""
+    with torch.device("meta"):
+        model = MoETransformer(cfg)
+    names = set()
+    for name, param in model.named_parameters():
+        spec = hf_tensor_map(name, model_type, cfg.dim_head)
+        if spec is not None and spec.stacked_experts:
+            names.update(spec.hf_name.format(expert=e) for e in range(param.shape[0]))
+        elif spec is not None:
+            names.add(spec.hf_name)
+    return names
+
+
+def check_names(model_dir: str, cfg: ModelConfig, model_type: str) -> None:
+    """Refuses a checkpoint whose tensors are not exactly the ones the model reads: a missing
+    one (named now, not by a rank mid-build) or one it would silently leave out (a feature
+    foldmoe lacks, or a layout it does not know, e.g. fused experts)."""
+    wanted, present = hf_names_of(cfg, model_type), set(weight_files(model_dir))
+    if cfg.tie_embeddings:
+        present.discard("lm_head.weight")       # some tied checkpoints store the copy too
+    missing = sorted(wanted - present)
+    unused = sorted(n for n in present - wanted if not _IGNORED.fullmatch(n))
+    if missing or unused:
+        parts = [f"{len(missing)} tensors missing (e.g. {missing[:3]})"] if missing else []
+        parts += [f"{len(unused)} tensors the {model_type} model would not use (e.g. {unused[:3]}): "
+                  "a feature foldmoe lacks or a layout it does not read"] if unused else []
+        raise HFWeightError(f"{model_dir}: {'; '.join(parts)}")
 
 
 class HFWeightSource:

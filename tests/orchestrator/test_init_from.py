@@ -63,3 +63,29 @@ def test_worker_reads_hf_weights_only_without_a_checkpoint(qwen2_dir, tmp_path):
     spec = run.job_spec(job_dir="j", data_dir="d", checkpoint_dir=str(tmp_path / "ckpt"), events_path="e")
     spec = JobSpec.from_json(spec.to_json())
     assert spec.model == run.model and pretrained_weights(spec).model_dir == qwen2_dir
+
+
+def _rewrite_weights(src: str, dst, edit) -> str:
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    shutil.copytree(src, dst)
+    path = dst / "model.safetensors"
+    tensors = load_file(str(path))
+    edit(tensors)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    return str(dst)
+
+
+def test_a_checkpoint_with_tensors_the_model_would_not_read_is_refused(qwen2_dir, tmp_path):
+    import torch
+    extra = _rewrite_weights(qwen2_dir, tmp_path / "extra", lambda t: t.update({
+        "model.layers.0.self_attn.o_proj.bias": torch.zeros(32),       # e.g. Qwen3's attention_bias
+        "model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(4)}))  # ignored: a RoPE buffer
+    with pytest.raises(ConfigError, match=r"1 tensors the qwen2_moe model would not use \(e.g. "
+                                          r"\['model.layers.0.self_attn.o_proj.bias'\]\)"):
+        build_run_config({"model": {"init_from": extra}, "train": {"seq_len": 16}})
+    missing = _rewrite_weights(qwen2_dir, tmp_path / "missing",
+                               lambda t: t.pop("model.layers.3.mlp.experts.2.down_proj.weight"))
+    with pytest.raises(ConfigError, match=r"1 tensors missing \(e.g. \['model.layers.3.mlp.experts.2.down_proj"):
+        build_run_config({"model": {"init_from": missing}, "train": {"seq_len": 16}})
