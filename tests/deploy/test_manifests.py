@@ -112,3 +112,14 @@ def test_the_image_pins_the_ray_version_the_manifests_declare():
                 for name in ("rayjob.yaml", "raycluster.yaml")}
     assert declared == {pinned}
     assert 'ray[default,train]==${RAY_VERSION}' in dockerfile and "torch==${TORCH_VERSION}" in dockerfile
+
+
+def test_the_worker_pods_outlast_the_preemption_save():
+    # SIGTERM -> every rank saves within checkpoint.preempt_grace_s; the pod must not be
+    # SIGKILLed first (Kubernetes' default grace is 30 s).
+    from orchestrator.config import load_config
+
+    grace = load_config(str(ROOT / "configs" / "mixtral-8x7b-16gpu.yaml")).schema.checkpoint.preempt_grace_s
+    groups = (_load("rayjob.yaml")["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+              + _load("raycluster.yaml")["spec"]["workerGroupSpecs"])
+    assert all(g["template"]["spec"]["terminationGracePeriodSeconds"] > grace for g in groups)
