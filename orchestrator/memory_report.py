@@ -28,7 +28,7 @@ def device_budget(run: RunConfig) -> tuple[int | None, str]:
 
 
 def estimate(run: RunConfig, world: int) -> MemoryEstimate:
-    return estimate_memory(run.model, run.parallel(world), run.train)
+    return estimate_memory(run.model, run.parallel(world), run.train, dispatcher=run.schema.moe.dispatcher)
 
 
 def _gb(nbytes: float) -> str:
@@ -90,7 +90,7 @@ def check_eval_fits(run: RunConfig, world: int) -> None:
     (engine/planner/eval_memory.py)."""
     if device_budget(run)[0] is None:
         return
-    peak = estimate_eval_memory(run.model, run.parallel(world), run.train).peak
+    peak = estimate_eval_memory(run.model, run.parallel(world), run.train, run.schema.moe.dispatcher).peak
     _refuse_above_budget(run, world, peak, forward_only=True)
 
 

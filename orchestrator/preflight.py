@@ -40,6 +40,7 @@ class ClusterSupply:
     autoscaler_max: dict[str, float] | None = None   # the most the autoscaler may grow to
     node_resources: list[dict[str, float]] = field(default_factory=list)   # alive nodes
     host_cores: int | None = None                # cores under every CPU worker, if one machine
+    joined: bool = False                         # a Ray cluster this job joined (it may autoscale)
 
     def capacity(self, resource: str) -> float:
         now = self.total.get(resource, 0.0)
@@ -97,7 +98,7 @@ def check_worker_resources(run: RunConfig, supply: ClusterSupply) -> list[Findin
                 "now; cluster.autoscaling=true: Ray Train waits for the autoscaler to add nodes")))
             continue
         if need > capacity:
-            hint = ("" if supply.autoscaler_max is not None or capacity > 0 else
+            hint = ("" if supply.autoscaler_max is not None or capacity > 0 or not supply.joined else
                     " (on an autoscaling cluster, e.g. KubeRay with workers from 0, set "
                     "cluster.autoscaling=true)")
             findings.append(Finding("refuse", (

@@ -72,7 +72,7 @@ def autoscaler_max_resources() -> dict[str, float] | None:
     return {k: float(v) for k, v in found.items()} if found else None
 
 
-def cluster_supply(where: str) -> ClusterSupply:
+def cluster_supply(where: str, joined: bool = False) -> ClusterSupply:
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     here = ray.util.get_node_ip_address()
     one_machine = all(n.get("NodeManagerAddress") == here for n in nodes)
@@ -80,7 +80,7 @@ def cluster_supply(where: str) -> ClusterSupply:
                          available=dict(ray.available_resources()),
                          autoscaler_max=autoscaler_max_resources(),
                          node_resources=[dict(n.get("Resources", {})) for n in nodes],
-                         host_cores=host_cores() if one_machine else None)
+                         host_cores=host_cores() if one_machine else None, joined=joined)
 
 
 def scaling_size(cluster) -> dict:
@@ -176,8 +176,8 @@ class RayLauncher:
 
     def supply(self) -> ClusterSupply:
         address = os.environ.get("RAY_ADDRESS")
-        return cluster_supply("the local Ray" if self.owns_ray or not address
-                              else f"the Ray cluster at {address}")
+        joined = bool(address) and not self.owns_ray
+        return cluster_supply(f"the Ray cluster at {address}" if joined else "the local Ray", joined)
 
     def sinks(self, job: str, run_name: str) -> list:
         return [RayMetricsExporter(job, run_name)]

@@ -58,7 +58,7 @@ def _same_model(run: RunConfig, verify):
                 f"its checkpoint {os.path.basename(path)} (step {manifest['step']}) holds another "
                 f"model ({differences}, saved vs this config); use the same model, another "
                 "checkpoint.dir, or checkpoint.resume=false")
-        return manifest
+        return manifest, meta
     return try_load
 
 
@@ -75,7 +75,8 @@ def check_resumable(run: RunConfig, checkpoint_dir: str, warn: Warn = _to_stderr
     found = _walk(checkpoint_dir, _same_model(run, verify_structure), warn)
     if found is None:
         return None
-    manifest = found[1]
+    manifest, meta = found[1]
+    _check_data(run, meta.get("data") or {}, manifest, warn)
     current = layout_of_config(run.parallel(run.world_sizes[-1]))
     if run.elastic or manifest["layout"] == current:
         return None
@@ -95,6 +96,19 @@ def completed_step(run: RunConfig, checkpoint_dir: str, warn: Warn = _to_stderr)
     if not found or found[-1][0] < run.train.steps:
         return None
     verified = _walk(checkpoint_dir, _same_model(run, verify_everything), warn)
-    if verified is None or int(verified[1]["step"]) < run.train.steps:
+    if verified is None or int(verified[1][0]["step"]) < run.train.steps:
         return None
-    return verified[0], int(verified[1]["step"])
+    return verified[0], int(verified[1][0]["step"])
+
+
+def _check_data(run: RunConfig, saved: dict, manifest: dict, warn: Warn) -> None:
+    """The data of the resumed run (engine/data/position.py): an evaluation split reaching
+    into trained windows is refused; a changed batch size or order is said."""
+    from engine.data.position import DataContinuityError, resume_position
+
+    try:
+        position = resume_position(saved, int(manifest["step"]), run.train, 0, None)
+    except DataContinuityError as err:
+        raise ConfigError(f"checkpoint.dir: {err}") from None
+    for note in position.notes:
+        warn(f"data: {note}")

@@ -22,6 +22,8 @@ from engine.compose import build_trainer
 from engine.hf.reader import HFWeightSource
 from engine.config.job import JobSpec
 from engine.data.eval_data import TrainWindows, held_out_batches, held_out_windows
+from engine.data.index import read_index
+from engine.data.position import data_state, resume_position
 from engine.metrics.peak import mfu, peak_flops_per_device, tflops_per_device
 from engine.metrics.memory import peak_memory_bytes
 from engine.models.transformer import count_parameters
@@ -135,16 +137,16 @@ def _build_and_train(spec: JobSpec, reporter: Reporter, heartbeat: Heartbeat, ra
     trainer.phase_listener = heartbeat.phase
     heartbeat.phase("load_checkpoint")
     model_built_at = time.time()
-    train = spec.train    # with train.eval_every, the held-out windows are never trained on
-    dataset = TrainWindows(spec.data_dir, train.seq_len, held_out_windows(train), train.global_batch_size)
-    validation = (held_out_batches(spec.data_dir, train.seq_len, train.eval_batches,
-                                   train.global_batch_size) if train.eval_every else [])
     evaluator = Evaluator(trainer)
     manager = CheckpointManager(spec.checkpoint_dir, spec.checkpoint_keep, rank, world,
                                 barrier=dist.barrier, commit_timeout_s=spec.collective_timeout_s,
                                 own_since_unix=spec.resume_since_unix)
     resumed_from = resume(trainer, manager, spec, reporter)
     checkpoint_loaded_at = time.time()
+    position, dataset = _data_position(spec, trainer, reporter, rank)
+    train = spec.train    # with train.eval_every, the held-out windows are never trained on
+    validation = (held_out_batches(spec.data_dir, train.seq_len, train.eval_batches,
+                                   train.global_batch_size) if train.eval_every else [])
     peak, peak_source = peak_flops_per_device(device, spec.train.precision)
     build_peak, held = max_over_ranks([trainer.build_peak_bytes or 0, trainer.param_bytes], device)
     memory = {"build_peak_bytes": build_peak, "param_bytes": held}   # max over ranks
@@ -156,23 +158,40 @@ def _build_and_train(spec: JobSpec, reporter: Reporter, heartbeat: Heartbeat, ra
     watch = PreemptionWatch(spec.job_dir, rank, spec.preempt_grace_s).install()
     try:
         return _train_steps(spec, trainer, dataset, manager, reporter, heartbeat, watch,
-                            resumed_from or 0, world, peak, memory,
+                            resumed_from or 0, position.consumed_samples, world, peak, memory,
                             validate=lambda: evaluator.mean_loss(validation))
     finally:
         watch.restore()
 
 
+def _data_position(spec: JobSpec, trainer: Trainer, reporter: Reporter, rank: int):
+    """(Position, TrainWindows) after the checkpoint, if any, was loaded: the samples consumed
+    and the held-out windows come from it (engine/data/position.py)."""
+    train = spec.train
+    tokens = read_index(spec.data_dir).get("tokens_sha256")
+    position = resume_position(trainer.data_state, trainer.completed_steps, train,
+                               held_out_windows(train), tokens)
+    for note in position.notes if rank == 0 else ():
+        print(f"data: {note}", flush=True)
+        reporter.event("data_position", message=note)
+    dataset = TrainWindows(spec.data_dir, train.seq_len, position.held_out, train.global_batch_size)
+    trainer.data_state = data_state(position.consumed_samples, train, position.held_out, tokens)
+    return position, dataset
+
+
 def _train_steps(spec: JobSpec, trainer: Trainer, dataset: TrainWindows,
                  manager: CheckpointManager, reporter: Reporter, heartbeat: Heartbeat,
-                 watch: PreemptionWatch, first_step: int, world: int, peak: float, memory: dict,
-                 validate: Callable[[], float]) -> dict:
+                 watch: PreemptionWatch, first_step: int, consumed: int, world: int, peak: float,
+                 memory: dict, validate: Callable[[], float]) -> dict:
     record: dict = {}
     train = spec.train
     for step in range(first_step, train.steps):
-        batch = dataset.global_batch(step, train.global_batch_size, train.seed)
+        batch = dataset.batch_at(consumed, train.global_batch_size, train.seed)
         heartbeat.begin_step(step)
         metrics = trainer.train_step(step, batch, stop_requested=watch.requested)
         heartbeat.end_step(step)
+        consumed += train.global_batch_size
+        trainer.data_state = {**trainer.data_state, "consumed_samples": consumed}
         heartbeat.phase("report", ("world",))
         record = step_record(step, metrics, world, peak)
         (record["memory_peak_bytes"],) = max_over_ranks([peak_memory_bytes(trainer.device)],

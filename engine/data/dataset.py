@@ -53,11 +53,19 @@ class TokenDataset:
         return self.index["n_tokens"]
 
     def global_batch(self, step: int, global_batch_size: int, seed: int) -> torch.Tensor:
-        """LongTensor [global_batch_size, seq_len + 1] of step `step` (0-based)."""
-        if step < 0 or global_batch_size < 1:
-            raise ValueError(f"step={step}, global_batch_size={global_batch_size}: need step >= 0, "
-                             "global_batch_size >= 1")
-        sample_ids = self.sample_ids(step * global_batch_size, global_batch_size, seed)
+        """LongTensor [global_batch_size, seq_len + 1] of step `step` (0-based) of a run at
+        one batch size throughout."""
+        if step < 0:
+            raise ValueError(f"step={step}, global_batch_size={global_batch_size}: need step >= 0")
+        return self.batch_at(step * global_batch_size, global_batch_size, seed)
+
+    def batch_at(self, first_sample: int, global_batch_size: int, seed: int) -> torch.Tensor:
+        """LongTensor [global_batch_size, seq_len + 1]: the run's samples from `first_sample`
+        (the samples consumed so far, engine/data/position.py)."""
+        if first_sample < 0 or global_batch_size < 1:
+            raise ValueError(f"first_sample={first_sample}, global_batch_size={global_batch_size}: "
+                             "need first_sample >= 0, global_batch_size >= 1")
+        sample_ids = self.sample_ids(first_sample, global_batch_size, seed)
         starts = sample_ids.numpy() * self.seq_len
         window = starts[:, None] + np.arange(self.seq_len + 1, dtype=np.int64)[None, :]
         return torch.from_numpy(self._tokens[window].astype(np.int64))

@@ -51,11 +51,13 @@ class TrainWindows(TokenDataset):
     def __init__(self, prepared_dir: str, seq_len: int, held_out: int, global_batch_size: int):
         super().__init__(prepared_dir, seq_len)
         self.held_out = held_out
-        if held_out and super().num_samples - held_out < global_batch_size:
+        if super().num_samples - held_out < global_batch_size:
+            held = (f"; holding out {held_out} (train.eval_batches x train.global_batch_size) "
+                    "leaves fewer") if held_out else " are fewer"
             raise EvalDataError(
-                f"{prepared_dir}: {super().num_samples} windows of seq_len {seq_len}; holding out "
-                f"{held_out} (train.eval_batches x train.global_batch_size) leaves fewer than one "
-                f"global batch ({global_batch_size}) to train on; lower train.eval_batches or use more data")
+                f"{prepared_dir}: {super().num_samples} windows of seq_len {seq_len}{held} than one "
+                f"global batch ({global_batch_size}) to train on; lower train.global_batch_size"
+                f"{', train.eval_batches' if held_out else ''} or use more data")
 
     @property
     def num_samples(self) -> int:

@@ -169,7 +169,10 @@ def dispatcher_buffer_bytes(cfg: ModelConfig, mb: MicroBatchShape, rows: Dispatc
     """Transient rows of one MoE layer's token exchange (engine/moe/comm.py), alive while the
     layer runs forward or backward: the permuted send rows and the received rows; with ETP
     also the all-gather's repeated send copy and the reduce-scatter's received partials."""
-    exchanged = rows.assigned + rows.at_experts * (2 if etp > 1 else 1) + rows.gathered
+    if rows.gathered:    # all-gather: the repeated send copy and the gathered tokens (the
+        exchanged = 2 * rows.gathered   # combine's buffer and received partials, likewise)
+    else:
+        exchanged = rows.assigned + rows.at_experts * (2 if etp > 1 else 1)
     return mb.act_bytes * cfg.hidden_size * exchanged
 
 

@@ -177,7 +177,10 @@ def _layer(cfg: ModelConfig, is_moe: bool, p: ParallelConfig, train: TrainConfig
     else:
         ops = OPS["dense_layer"]
     layer_id = kind_layer_id(cfg, is_moe)
-    touched = layer_bytes(cfg, layer_id, mb, rows, p.etp, "none") + unkept_bytes(cfg, layer_id, mb, rows, p.etp)
+    # The elementwise passes run over every row the dispatcher keeps (all gathered slots for
+    # the all-gather one); its grouped GEMMs compute the local experts' rows only.
+    held = dispatch_rows(cfg, p, t_sp, worst=False, dispatcher=dispatcher)
+    touched = layer_bytes(cfg, layer_id, mb, held, p.etp, "none") + unkept_bytes(cfg, layer_id, mb, held, p.etp)
     elementwise = c.elementwise_passes * touched / mach.memory_rate / 3   # forward share
     # The CP core's own copies, fp32 merges and accumulators (engine/planner/cp_traffic.py).
     cp_fwd, cp_bwd = (n / mach.memory_rate for n in cp_hbm_bytes(cp_core))

@@ -37,12 +37,14 @@ def _forward_peak(figures, summary: ChunkKinds, pp: int) -> tuple[int, int, dict
     return working + in_flight + embedding, dispatcher, {"working": working, "pipeline": in_flight}
 
 
-def estimate_eval_memory(cfg: ModelConfig, p: ParallelConfig, train: TrainConfig) -> MemoryEstimate:
+def estimate_eval_memory(cfg: ModelConfig, p: ParallelConfig, train: TrainConfig,
+                         dispatcher: str = "alltoall") -> MemoryEstimate:
     """Predicted memory of every PP rank of `foldmoe eval` in layout `p` (module docstring);
     `activations_worst` uses the worst-case routing of the training model."""
     # A layer's forward writes the same under every recompute mode (no_grad keeps nothing).
     forward = dataclasses.replace(train, recompute="none")
-    expected, worst = layer_figures(cfg, p, forward), layer_figures(cfg, p, forward, worst=True)
+    expected = layer_figures(cfg, p, forward, dispatcher=dispatcher)
+    worst = layer_figures(cfg, p, forward, worst=True, dispatcher=dispatcher)
     param_bytes = 2 if train.precision == "bf16" else FP32
     ranks = []
     for pp_rank, kinds in enumerate(rank_chunks(cfg, p.pp, p.vpp, train.seq_len)):

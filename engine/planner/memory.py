@@ -96,7 +96,8 @@ def role_name(pp_rank: int, pp: int) -> str:
     return f"stage {pp_rank}" + (f" ({'+'.join(ends)})" if ends else "")
 
 
-def dispatch_rows(cfg: ModelConfig, p: ParallelConfig, sp_tokens: int, worst: bool) -> DispatchRows:
+def dispatch_rows(cfg: ModelConfig, p: ParallelConfig, sp_tokens: int, worst: bool,
+                  dispatcher: str = "alltoall") -> DispatchRows:
     """Rows of one MoE layer on one rank for one micro-batch (see the module docstring)."""
     moe = cfg.moe
     local_experts = moe.num_experts // p.ep
@@ -105,12 +106,19 @@ def dispatch_rows(cfg: ModelConfig, p: ParallelConfig, sp_tokens: int, worst: bo
         assigned = sp_tokens * moe.top_k
         at_experts = (group * sp_tokens * min(moe.top_k, local_experts) if worst
                       else p.etp * assigned)
+        full = None
     else:
         capacity = math.ceil(sp_tokens * moe.top_k / moe.num_experts * moe.capacity_factor)
         kept = moe.num_experts * capacity
         assigned = kept if moe.pad_to_capacity else min(sp_tokens * moe.top_k, kept)
         full = group * local_experts * capacity
         at_experts = full if (worst or moe.pad_to_capacity) else p.etp * assigned
+    if dispatcher == "allgather":
+        # Static shapes, no host read (engine/moe/dispatcher_allgather.py): the permuted
+        # buffer, the expert internals and the combine keep a row for every slot the group
+        # gathered, whatever the routing; only pad-to-capacity cuts them to the local ones.
+        rows = full if moe.pad_to_capacity else group * assigned
+        return DispatchRows(rows, rows, gathered=group * sp_tokens)
     return DispatchRows(assigned, at_experts)
 
 
@@ -245,23 +253,24 @@ def _rank(cfg, p, train, kinds, pp_rank, expected, worst) -> RoleMemory:
 
 
 def estimate_memory(cfg: ModelConfig, p: ParallelConfig, train: TrainConfig, *,
-                    worst_case: bool = True) -> MemoryEstimate:
+                    worst_case: bool = True, dispatcher: str = "alltoall") -> MemoryEstimate:
     """Predicted memory of every PP rank of layout `p` (the same on every device), see the
     module docstring. worst_case=False skips the worst-case routing figure (it then equals
     the expected one)."""
-    sp_tokens = _microbatch(p, train).sp_tokens
-    expected = _LayerFigures(cfg, p, train, dispatch_rows(cfg, p, sp_tokens, worst=False))
-    worst = (_LayerFigures(cfg, p, train, dispatch_rows(cfg, p, sp_tokens, worst=True))
-             if worst_case else expected)
+    expected = layer_figures(cfg, p, train, dispatcher=dispatcher)
+    worst = layer_figures(cfg, p, train, worst=True, dispatcher=dispatcher) if worst_case else expected
     ranks = [_rank(cfg, p, train, kinds, r, expected, worst)
              for r, kinds in enumerate(rank_chunks(cfg, p.pp, p.vpp, train.seq_len))]
     return MemoryEstimate(ranks)
 
 
-def layer_figures(cfg: ModelConfig, p: ParallelConfig, train: TrainConfig, worst: bool = False) -> _LayerFigures:
+def layer_figures(cfg: ModelConfig, p: ParallelConfig, train: TrainConfig, worst: bool = False,
+                  dispatcher: str = "alltoall") -> _LayerFigures:
     """The expected-routing (or worst-case) figures of a layout: they depend on tp, cp, ep,
-    etp, the micro-batch size and recompute only, so the planner computes them once per such key."""
-    return _LayerFigures(cfg, p, train, dispatch_rows(cfg, p, _microbatch(p, train).sp_tokens, worst=worst))
+    etp, the micro-batch size, recompute and the dispatcher only, so the planner computes
+    them once per such key."""
+    rows = dispatch_rows(cfg, p, _microbatch(p, train).sp_tokens, worst=worst, dispatcher=dispatcher)
+    return _LayerFigures(cfg, p, train, rows)
 
 
 def representative_ranks(rank_kinds: tuple[tuple[ChunkKinds, ...], ...]) -> list[int]:

@@ -153,10 +153,10 @@ class _Caches:
             self.ranks[key] = rank_infos(self.cfg, p, self.train.seq_len)
         return self.ranks[key]
 
-    def layer_figures(self, p: ParallelConfig, trial: TrainConfig):
+    def layer_figures(self, p: ParallelConfig, trial: TrainConfig, dispatcher: str):
         key = (p.tp, p.cp, p.ep, p.etp, trial.micro_batch_size, trial.recompute)
         if key not in self.figures:
-            self.figures[key] = layer_figures(self.cfg, p, trial)
+            self.figures[key] = layer_figures(self.cfg, p, trial, dispatcher=dispatcher)
         return self.figures[key]
 
 
@@ -190,7 +190,7 @@ def search_layouts(cfg: ModelConfig, train: TrainConfig, world: int, machine: Ma
                     continue
                 trial = caches.trial(mbs, recompute)
                 searched += 1
-                peak = peak_memory(cfg, p, trial, figures=caches.layer_figures(p, trial), ranks=ranks,
+                peak = peak_memory(cfg, p, trial, figures=caches.layer_figures(p, trial, dispatcher), ranks=ranks,
                                    states=states)
                 if memory_limit is not None and peak > memory_limit:
                     continue

@@ -68,7 +68,8 @@ def checkpoint_state(trainer) -> dict:
     tensors.update(capture_rng_state())
     meta = {"step": int(getattr(trainer, "completed_steps", 0)), "layout": layout_of(trainer),
             "model": dataclasses.asdict(trainer.model_cfg),   # lets `foldmoe export` rebuild shapes
-            "optim_scalars": optim_scalars, "rank": trainer.mesh.rank}
+            "optim_scalars": optim_scalars, "rank": trainer.mesh.rank,
+            "data": dict(getattr(trainer, "data_state", {}))}
     return {"tensors": tensors, "shards": shards, "meta": meta}
 
 
@@ -92,6 +93,7 @@ def load_checkpoint_state(trainer, state: dict) -> None:
     trainer.optimizer.load_state_dict(optim)
     restore_rng_state({k: v for k, v in tensors.items() if k.startswith("rng/")})
     trainer.completed_steps = int(state["meta"]["step"])
+    trainer.data_state = dict(state["meta"].get("data") or {})
 
 
 def load_resharded(trainer, path: str) -> dict:
@@ -120,6 +122,7 @@ def load_resharded(trainer, path: str) -> dict:
         # random streams do not correspond anyway (the tiny presets draw none in training).
         restore_rng_state({CPU_KEY: reader.read_rank_tensor(trainer.mesh.rank, CPU_KEY)})
     trainer.completed_steps = int(reader.manifest["step"])
+    trainer.data_state = dict(meta.get("data") or {})
     return _load_info(trainer, reader)
 
 

@@ -52,6 +52,8 @@ class Trainer:
         self.model_flops = model_flops_per_iteration(
             model_cfg, train_cfg.global_batch_size, train_cfg.seq_len)
         self.completed_steps = 0
+        # The data's position, saved with checkpoints (engine/data/position.py): the caller's.
+        self.data_state: dict = {}
         self.clock = PhaseClock(self.device)
         # Told of every phase change (the worker's heartbeat): a call, never a host sync.
         self.phase_listener: PhaseListener | None = None

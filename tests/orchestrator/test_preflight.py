@@ -36,6 +36,8 @@ def test_gpus_needed_on_a_cluster_without_any():
     with pytest.raises(PreflightError, match=r"^GPU: the job needs 4 .* has 0; run it on a "
                                              r"cluster with GPUs, or set cluster.use_gpu=false "
                                              r"\(on an autoscaling cluster, .* set cluster.autoscaling=true\)$"):
+        run_preflight(run, _cluster(cpus=64, joined=True))
+    with pytest.raises(PreflightError, match=r"or set cluster.use_gpu=false$"):   # no hint locally
         run_preflight(run, _cluster(cpus=64))
 
 

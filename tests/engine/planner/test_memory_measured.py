@@ -33,6 +33,8 @@ WORLD2 = [
     ("cp a2a", {"cp": 2, "cp_mode": "a2a"}, {}),
     ("pp 1f1b", {"pp": 2}, {}),
     ("pp interleaved", {"pp": 2, "vpp": 2}, {"recompute": "selective"}),
+    # The all-gather dispatcher keeps a row for every gathered slot (static shapes).
+    ("ep allgather", {"ep": 2}, {}, "allgather"),
 ]
 WORLD4 = [("tp2 x ep4 folded, zero1 bf16", {"tp": 2, "ep": 4}, {"zero1": True, "precision": "bf16"})]
 
@@ -45,10 +47,10 @@ def _measure_cases(rank, world, cases):
 
     out = {}
     cfg = get_preset("tiny-moe", **MODEL)
-    for name, layout, train in cases:
+    for name, layout, train, *dispatcher in cases:
         train_cfg = TrainConfig(**BASE, **train)
         mesh = FoldedMesh(ParallelConfig(world_size=world, **layout))
-        trainer = build_trainer(cfg, train_cfg, mesh)
+        trainer = build_trainer(cfg, train_cfg, mesh, dispatcher=(dispatcher or ["alltoall"])[0])
         batch = lambda step: synthetic_global_batch(step, train_cfg.global_batch_size,  # noqa: E731
                                                     train_cfg.seq_len, cfg.vocab_size)
         trainer.train_step(0, batch(0))          # first step: lazily created state settles
@@ -60,8 +62,9 @@ def _residuals(world, cases):
     measured = run_distributed(_measure_cases, world, cases, timeout_s=300)
     cfg = get_preset("tiny-moe", **MODEL)
     rows = []
-    for name, layout, train in cases:
-        est = estimate_memory(cfg, ParallelConfig(world_size=world, **layout), TrainConfig(**BASE, **train))
+    for name, layout, train, *dispatcher in cases:
+        est = estimate_memory(cfg, ParallelConfig(world_size=world, **layout), TrainConfig(**BASE, **train),
+                              dispatcher=(dispatcher or ["alltoall"])[0])
         for rank, per_case in enumerate(measured):
             got = per_case[name]
             pred = est.ranks[got["pp_rank"]]

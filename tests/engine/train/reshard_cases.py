@@ -72,6 +72,10 @@ def _without_rng(state: dict) -> dict:
             "shards": state["shards"], "adam_step": state["meta"]["optim_scalars"]["adam_step"]}
 
 
+DATA_STATE = {"consumed_samples": 96, "global_batch_size": 32, "seq_len": 16, "seed": 3,
+              "held_out": 0, "tokens_sha256": "ab12"}
+
+
 def save_side(rank: int, world: int, layout: dict, ckpt_dir: str) -> dict:
     """Trains K steps at A, saves, continues MORE_STEPS at A. layout["legacy"] saves in the
     format of before resharding (no shard entries for optimizer tensors)."""
@@ -80,6 +84,7 @@ def save_side(rank: int, world: int, layout: dict, ckpt_dir: str) -> dict:
     trainer, model_cfg = _trainer(world, layout)
     _steps(trainer, model_cfg, range(K_STEPS))
     trainer.completed_steps = K_STEPS
+    trainer.data_state = DATA_STATE          # the loop's data position rides in the meta
     manager = CheckpointManager(ckpt_dir, keep=0, rank=rank, world_size=world, barrier=dist.barrier)
     state = checkpoint_state(trainer)
     if legacy:
@@ -109,7 +114,7 @@ def load_side(rank: int, world: int, layout: dict, ckpt_dir: str) -> dict:
     info = load_resharded(trainer, path)
     loaded = _without_rng(checkpoint_state(trainer))
     continued = _steps(trainer, model_cfg, range(info["step"], info["step"] + MORE_STEPS))
-    return {"loaded": loaded, "continued": continued, "info": info}
+    return {"loaded": loaded, "continued": continued, "info": info, "data_state": trainer.data_state}
 
 
 def run_cases(rank: int, world: int, saves: list, loads: list) -> dict:

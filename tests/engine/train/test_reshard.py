@@ -19,7 +19,7 @@ import torch
 from engine.testing.multiprocess import run_distributed
 from engine.testing.parity import LOSS_RTOL
 
-from .reshard_cases import (MORE_STEPS, K_STEPS, assert_loaded_equals_saved, global_shapes,
+from .reshard_cases import (DATA_STATE, MORE_STEPS, K_STEPS, assert_loaded_equals_saved, global_shapes,
                             global_tensors, run_cases)
 
 GRAD_NORM_RTOL = 1e-5      # engine/testing/parity.py assert_parity
@@ -127,6 +127,7 @@ def test_reshard(matrix, name):
     assert compared >= sum(t.numel() for k, t in saved.items() if k.startswith("model/"))
     for r in loaded:
         assert r["info"]["step"] == K_STEPS and r["loaded"]["adam_step"] == K_STEPS
+        assert r["data_state"] == DATA_STATE
     at_a = results[f"save:{key}"][0]["continued"]
     bf16 = layout_a.get("precision") == "bf16"
     worst = max(abs(got[k] - want[k]) / want[k] for r in loaded
