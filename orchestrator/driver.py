@@ -338,7 +338,10 @@ def _finish(result: JobResult, rc: int | None, signum: int | None, worker_group,
                     tracker.log_metric(f"job/{key}", summary[key], step=0)
             if summary["steps_seen"] and tracker.report:
                 progress.phase("render the report")
-                log_report(tracker, job_dir, progress.warn)
+                if tracker.flush():            # the report reads the run back
+                    log_report(tracker, job_dir, progress.warn)
+                else:
+                    progress.warn("warning: the run's report was not rendered (MLflow unreachable)")
                 progress.end_phase()
             tracker.finish("FINISHED" if result.rc == 0 else "FAILED")
     result.summary = observer.summary()

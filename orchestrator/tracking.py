@@ -2,7 +2,8 @@
 
 Uses MlflowClient with an explicit run id (no fluent global state), so worker-group
 restarts simply keep logging into the same run. A tracking-store outage during training
-prints one warning and does not stop the job. Step metrics carry grouped names
+prints one warning and neither stops nor stalls the job: the calls run on their own thread
+and wait for the store (orchestrator/tracking_sender.py). Step metrics carry grouped names
 (orchestrator/metric_names.py); the driver's CPU, memory, disk and network go to
 `system/*` through MLflow's own system-metrics monitor.
 """
@@ -11,17 +12,18 @@ from __future__ import annotations
 import os
 import pathlib
 import sys
-import tempfile
 import time
 from typing import Any
 
 from .metric_names import grouped_metrics
+from .tracking_sender import BackgroundSender
 from .stale_runs import identity_tags, mark_abandoned_runs
 
 DEFAULT_URI_FILE = "mlflow.db"
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _PARAM_BATCH = 100      # MLflow accepts at most 100 params per log_batch
 _PARAM_MAX_CHARS = 6000
+FLUSH_S = 60.0          # how long the end of a job waits for an unreachable store
 
 
 def resolve_tracking_uri(configured: str | None) -> str:
@@ -85,8 +87,8 @@ class Tracker:
                                      tags={**(tags or {}), **identity_tags()})
         self.run_id = run.info.run_id
         self.experiment_id = experiment_id
-        self._warned = False
         self._finished = False
+        self._sender = BackgroundSender(self._warn)
 
     def _mark_abandoned(self, experiment_id: str) -> list[str]:
         """Runs of this experiment left RUNNING by a driver that died (orchestrator/stale_runs.py)."""
@@ -137,28 +139,29 @@ class Tracker:
         self._safely(self.client.log_metric, self.run_id, key, value, step=step)
 
     def log_text(self, text: str, file_name: str) -> None:
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, file_name)
-            with open(path, "w", encoding="utf-8") as handle:
-                handle.write(text)
-            self._safely(self.client.log_artifact, self.run_id, path)
+        self._safely(self.client.log_text, self.run_id, text, file_name)
 
     def set_tag(self, key: str, value: str) -> None:
         self._safely(self.client.set_tag, self.run_id, key, value)
 
-    def finish(self, status: str) -> None:
-        """status: FINISHED, FAILED or KILLED. Idempotent."""
+    def flush(self, timeout_s: float = FLUSH_S) -> bool:
+        """Waits until every logged value is in the store (before reading the run back)."""
+        return self._sender.flush(timeout_s)
+
+    def finish(self, status: str, timeout_s: float = FLUSH_S) -> None:
+        """status: FINISHED, FAILED or KILLED. Idempotent. Waits up to timeout_s for the
+        calls still queued (an unreachable store), then gives up on them, saying so."""
         if not self._finished:
             self._finished = True
             if self._system_metrics is not None:
                 self._system_metrics.finish()
             self._safely(self.client.set_terminated, self.run_id, status)
+            undelivered = self._sender.close(timeout_s)
+            if undelivered:
+                self._warn(f"warning: {undelivered} MLflow calls (the last metrics and the run's "
+                           f"status {status}) could not be delivered in {timeout_s:g} s; the run "
+                           "stays RUNNING in MLflow until a later driver on this host marks it")
 
     def _safely(self, fn, *args, **kwargs) -> None:
-        try:
-            fn(*args, **kwargs)
-        except Exception as err:  # noqa: BLE001 - tracking must not kill training
-            if not self._warned:
-                self._warned = True
-                self._warn(f"warning: MLflow logging failed ({type(err).__name__}: {err}); "
-                           "training continues")
+        """Queued on the sender's thread (orchestrator/tracking_sender.py): never blocks."""
+        self._sender.submit(fn, *args, **kwargs)

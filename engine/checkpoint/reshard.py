@@ -37,7 +37,7 @@ from .manager import CheckpointError, read_manifest, rank_file_names, verify_fil
 class SavedShard:
     rank: int
     key: str
-    coverage: tuple[torch.Tensor, ...]     # per dim: global index of each local position
+    slices: str                             # the recorded slices, as JSON (coverage_of)
     local_shape: tuple[int, ...]
     flat_range: tuple[int, int] | None     # None: stored with local_shape; else 1-D [lo, hi)
     signature: str                          # equal for replicas
@@ -128,6 +128,7 @@ class ReshardReader:
             self._index_rank(saved_rank)
         self.files_read: set[str] = set()
         self._handles: dict[int, object] = {}
+        self._coverage: dict[str, tuple[torch.Tensor, ...]] = {}
 
     def _index_rank(self, saved_rank: int) -> None:
         json_name = rank_file_names(saved_rank)[1]
@@ -137,9 +138,18 @@ class ReshardReader:
         for key, info in side["shards"].items():
             flat = info.get("flat_range")
             signature = json.dumps([info["local_shape"], info["slices"], flat])
+            # Coverage tensors are built only for the shards a fill_ reads (coverage()): at
+            # 1,024 saved ranks building them all cost every rank gigabytes of host memory.
             self.shards.setdefault(key, []).append(SavedShard(
-                saved_rank, key, coverage_of(info["slices"], info["local_shape"]),
-                tuple(info["local_shape"]), tuple(flat) if flat else None, signature))
+                saved_rank, key, json.dumps(info["slices"]), tuple(info["local_shape"]),
+                tuple(flat) if flat else None, signature))
+
+    def coverage(self, shard: SavedShard) -> tuple[torch.Tensor, ...]:
+        """Per dim, the global index of each local position of `shard` (built once per
+        distinct entry; replicas share it)."""
+        if shard.signature not in self._coverage:
+            self._coverage[shard.signature] = coverage_of(json.loads(shard.slices), shard.local_shape)
+        return self._coverage[shard.signature]
 
     def has(self, key: str) -> bool:
         return key in self.shards
@@ -208,7 +218,7 @@ class ReshardReader:
             if len(shard.local_shape) != len(local_shape):
                 raise CheckpointError(f"{key}: saved with {len(shard.local_shape)} dims, "
                                       f"this model has {len(local_shape)}")
-            matches = _rows_in_ranges([_match(m, t) for m, t in zip(mine, shard.coverage)],
+            matches = _rows_in_ranges([_match(m, t) for m, t in zip(mine, self.coverage(shard))],
                                       local_shape, target_range, shard)
             if any(len(my_pos) == 0 for my_pos, _ in matches):
                 continue

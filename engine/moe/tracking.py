@@ -84,6 +84,7 @@ def moe_stats_tensors(model_or_layers, reset: bool = True) -> dict[str, torch.Te
     routed, kept = stacked["routed"].sum(), stacked["kept"].sum()
     return {"aux_loss": stacked["aux_loss"].mean(), "z_loss": stacked["z_loss"].mean(),
             "dropped_token_fraction": torch.where(routed > 0, 1.0 - kept / routed.clamp_min(1.0), 0.0),
+            "routed_assignments": routed, "kept_assignments": kept,
             "load_imbalance": stacked["imbalance"].mean(), "load_imbalance_max": stacked["imbalance"].max()}
 
 

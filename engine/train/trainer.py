@@ -158,8 +158,11 @@ class Trainer:
         zero = torch.zeros((), dtype=torch.float64, device=self.device)
         # Each MoE layer lives on one stage and reads 0 on the others: the MAX over pp below
         # gathers the per-layer imbalance with the load statistics.
+        # Dropped tokens go as counts, summed over pp with the losses: a fraction per stage
+        # taken as the max over pp read the worst stage's, not the model's.
         local = torch.stack([lm_loss.to(self.device, torch.float64), aux.to(torch.float64),
-                             z.to(torch.float64), stats.get("dropped_token_fraction", zero),
+                             z.to(torch.float64), stats.get("routed_assignments", zero).to(torch.float64),
+                             stats.get("kept_assignments", zero).to(torch.float64),
                              stats.get("load_imbalance_max", zero), grad_norm.to(self.device),
                              *(by_layer.get(i, zero) for i in moe_ids),
                              zero + stop_vote]).to(torch.float64)
@@ -180,8 +183,9 @@ class Trainer:
             per_stage = values.new_empty(mesh.size(Axis.PP) * values.numel())
             dist.all_gather_into_tensor(per_stage, values, group=mesh.group(Axis.PP))
             per_stage = per_stage.view(mesh.size(Axis.PP), -1)
-            values = torch.cat([per_stage[:, :3].sum(0), per_stage[:, 3:].amax(0)])
-        lm, aux, z, dropped, imbalance, norm, *layers, stop_votes = values.tolist()
+            values = torch.cat([per_stage[:, :5].sum(0), per_stage[:, 5:].amax(0)])
+        lm, aux, z, routed, kept, imbalance, norm, *layers, stop_votes = values.tolist()
+        dropped = 1.0 - kept / routed if routed > 0 else 0.0
         return {"loss": lm + aux + z, "lm_loss": lm, "aux_loss": aux, "z_loss": z,
                 "grad_norm": norm, "lr": float(lr), "tokens": float(self.global_tokens),
                 "dropped_token_fraction": dropped, "load_imbalance": imbalance,

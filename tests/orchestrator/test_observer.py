@@ -101,6 +101,7 @@ def test_tracker_survives_a_dead_tracking_store(tmp_path, capsys):
     tracker.client = Down()
     tracker.log_step(0, {"loss": 1.0})
     tracker.log_step(1, {"loss": 1.0})
+    assert not tracker.flush(0.5)                  # the calls wait for the store to return
     assert capsys.readouterr().err.count("MLflow logging failed") == 1
 
 

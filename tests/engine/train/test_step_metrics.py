@@ -70,3 +70,16 @@ def test_a_whole_step_reads_the_host_once():
     with HostDataCounter() as built:
         trainer.train_step(2, synthetic_global_batch(2, 4, 16, cfg.vocab_size))
     assert built.sites == []
+
+
+@pytest.mark.slow
+def test_the_dropped_token_fraction_under_pp_is_the_models():
+    # Capacity factor 0.5 drops tokens in every layer; under pp each stage holds some of the
+    # layers, and the model's fraction is the dropped share of all of them (it read the worst
+    # stage's until 2026-12-03: 0.53516 at pp2 against 0.53385 in one process).
+    model = dict(moe_capacity_factor=0.5)
+    reference = run_distributed(_worker, 1, {}, model, timeout_s=240)[0]["metrics"]
+    piped = run_distributed(_worker, 2, dict(pp=2), model, timeout_s=240)
+    for got, want in zip(piped[0]["metrics"], reference):
+        assert 0.1 < want["dropped_token_fraction"] < 0.9
+        assert abs(got["dropped_token_fraction"] - want["dropped_token_fraction"]) < 1e-12, (got, want)
