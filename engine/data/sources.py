@@ -28,6 +28,7 @@ class ResolvedSource:
     root: str                     # absolute path
     files: tuple[str, ...]        # absolute paths, sorted by path relative to root
     sizes: tuple[int, ...]        # bytes on disk, for progress and the fingerprint
+    mtimes: tuple[int, ...] = ()  # modification times (ns), for the fingerprint
 
     @property
     def total_bytes(self) -> int:
@@ -35,8 +36,9 @@ class ResolvedSource:
 
     def description(self, max_bytes: int | None) -> dict:
         """What identifies the prepared data: kind, root, file list fingerprint, cap."""
-        listing = "".join(f"{os.path.relpath(p, self.root)}\t{n}\n"
-                          for p, n in zip(self.files, self.sizes))
+        # Size and modification time: an edit that keeps the size is a new dataset too.
+        listing = "".join(f"{os.path.relpath(p, self.root)}\t{n}\t{t}\n"
+                          for p, n, t in zip(self.files, self.sizes, self.mtimes))
         desc = {"kind": self.kind, "root": self.root, "num_files": len(self.files),
                 "total_bytes": self.total_bytes,
                 "listing_sha256": hashlib.sha256(listing.encode()).hexdigest(),
@@ -58,6 +60,10 @@ def resolve_source(source: str) -> ResolvedSource:
                 f"data source {source!r}: directory has no {'/'.join(TEXT_SUFFIXES)} files")
         return _with_sizes("directory", path, files)
     if os.path.isfile(path):
+        if not path.endswith(TEXT_SUFFIXES + (".py",)):
+            raise DataSourceError(
+                f"data source {source!r}: not a text file this reads ({'/'.join(TEXT_SUFFIXES)} "
+                "or .py; a compressed or binary file would be trained on as bytes)")
         return _with_sizes("file", os.path.dirname(path), [path])
     raise DataSourceError(
         f"data source {source!r}: no such file or directory (expected 'stdlib', a directory of "
@@ -66,7 +72,9 @@ def resolve_source(source: str) -> ResolvedSource:
 
 def _with_sizes(kind: str, root: str, files: list[str]) -> ResolvedSource:
     ordered = sorted(files, key=lambda p: os.path.relpath(p, root).replace(os.sep, "/"))
-    return ResolvedSource(kind, root, tuple(ordered), tuple(os.path.getsize(p) for p in ordered))
+    stats = [os.stat(p) for p in ordered]
+    return ResolvedSource(kind, root, tuple(ordered), tuple(st.st_size for st in stats),
+                          tuple(st.st_mtime_ns for st in stats))
 
 
 def _stdlib_files(root: str) -> list[str]:

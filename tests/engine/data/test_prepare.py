@@ -73,6 +73,15 @@ def test_other_source_or_tokenizer_in_same_dir_is_refused(corpus, tmp_path):
     (corpus / "new.txt").write_text("more", encoding="utf-8")  # the source changed
     with pytest.raises(PreparedDatasetError, match="Use another out_dir"):
         prepare_dataset(str(corpus), out, progress=False)
+    # an edit that keeps every size is a change too (the listing has the mtimes)
+    again = str(tmp_path / "again")
+    prepare_dataset(str(corpus), again, progress=False)
+    stat = os.stat(corpus / "a.txt")
+    (corpus / "a.txt").write_text("HÉLLO", encoding="utf-8")
+    os.utime(corpus / "a.txt", ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    assert os.path.getsize(corpus / "a.txt") == stat.st_size
+    with pytest.raises(PreparedDatasetError, match="Use another out_dir"):
+        prepare_dataset(str(corpus), again, progress=False)
 
 
 def test_exception_mid_write_leaves_nothing(corpus, tmp_path, monkeypatch):
@@ -167,6 +176,9 @@ def test_missing_and_empty_sources(tmp_path):
     with pytest.raises(DataSourceError, match="no text found"):
         prepare_dataset(str(tmp_path / "empty"), str(tmp_path / "out"), progress=False)
     assert not (tmp_path / "out").exists()
+    (tmp_path / "corpus.jsonl.gz").write_bytes(b"\x1f\x8b\x08\x00")
+    with pytest.raises(DataSourceError, match="not a text file this reads"):
+        prepare_dataset(str(tmp_path / "corpus.jsonl.gz"), str(tmp_path / "out"), progress=False)
 
 
 def test_stdlib_source_is_capped_and_sorted(tmp_path):
