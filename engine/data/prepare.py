@@ -22,7 +22,7 @@ from engine.checkpoint.files import rename_durable, write_bytes_durable, write_j
 
 from .index import (DOC_OFFSETS_FILE, FORMAT_VERSION, INDEX_FILE, TOKENS_FILE,
                     PreparedDatasetError, read_index, token_dtype_name)
-from .sources import DataSourceError, ResolvedSource, iter_documents, resolve_source
+from .sources import PIECE_CHARS, DataSourceError, ResolvedSource, iter_pieces, resolve_source
 from .tokenizer import load_tokenizer
 
 _ENCODE_BATCH = 64  # documents per tokenizer call
@@ -80,11 +80,16 @@ def _write_tokens(resolved: ResolvedSource, tok, tmp_dir: str, max_bytes: int | 
     with open(os.path.join(tmp_dir, TOKENS_FILE), "wb") as handle, \
             tqdm(total=total, unit="B", unit_scale=True, desc="prepare dataset",
                  disable=not progress) as bar:
-        for texts in _batched(_capped_texts(resolved, max_bytes, bar), _ENCODE_BATCH):
-            for ids in tok.encode_batch(texts):
-                ids.append(tok.eos_id)
+        document = 0      # tokens of the document in progress
+        for batch in _batched(_capped_texts(resolved, max_bytes, bar), _ENCODE_BATCH):
+            for (_, ends), ids in zip(batch, tok.encode_batch([text for text, _ in batch])):
+                if ends:
+                    ids.append(tok.eos_id)
                 _append_tokens(handle, hasher, np.asarray(ids, dtype=dtype))
-                offsets.append(offsets[-1] + len(ids))
+                document += len(ids)
+                if ends:
+                    offsets.append(offsets[-1] + document)
+                    document = 0
         handle.flush()
         os.fsync(handle.fileno())
     if len(offsets) == 1:
@@ -104,32 +109,38 @@ def _append_tokens(handle, hasher, ids: np.ndarray) -> None:
     handle.write(data)
 
 
-def _capped_texts(resolved: ResolvedSource, max_bytes: int | None, bar) -> Iterator[str]:
-    """Non-empty documents in source order, the last one cut so the text fits max_bytes."""
+def _capped_texts(resolved: ResolvedSource, max_bytes: int | None, bar) -> Iterator[tuple[str, bool]]:
+    """(piece, ends_a_document) of the non-empty documents in source order (a document may
+    come in several pieces, sources.iter_pieces); the text is cut to fit max_bytes, and the
+    document it cuts ends there."""
     budget = max_bytes
     for path in resolved.files:
-        for text in iter_documents(path):
+        started = False                         # this document has text so far
+        for text, ends in iter_pieces(path):
             raw = text.encode("utf-8")
             if budget is not None and len(raw) >= budget:
-                raw = raw[:budget]
-                text = raw.decode("utf-8", errors="ignore")
-                budget = 0
+                text, budget, ends = raw[:budget].decode("utf-8", errors="ignore"), 0, True
             elif budget is not None:
                 budget -= len(raw)
             bar.update(len(raw))
-            if text:
-                yield text
+            if text or (ends and started):
+                yield text, ends
+            started = not ends and (started or bool(text))
             if budget == 0:
                 return
 
 
-def _batched(items: Iterator[str], size: int) -> Iterator[list[str]]:
-    batch: list[str] = []
+def _batched(items: Iterator[tuple[str, bool]], size: int,
+             max_chars: int = 4 * PIECE_CHARS) -> Iterator[list[tuple[str, bool]]]:
+    """Lists of at most `size` items and about `max_chars` characters (one tokenizer call)."""
+    batch: list[tuple[str, bool]] = []
+    chars = 0
     for item in items:
         batch.append(item)
-        if len(batch) == size:
+        chars += len(item[0])
+        if len(batch) == size or chars >= max_chars:
             yield batch
-            batch = []
+            batch, chars = [], 0
     if batch:
         yield batch
 

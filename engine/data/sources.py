@@ -94,13 +94,41 @@ def _text_files(root: str) -> list[str]:
     return found
 
 
-def iter_documents(path: str) -> Iterator[str]:
-    """The documents of one file: each JSONL record's `text`, or the whole file."""
+PIECE_CHARS = 1 << 18     # a plain file is read and tokenized in pieces of about this size
+
+
+def iter_pieces(path: str, piece_chars: int = PIECE_CHARS) -> Iterator[tuple[str, bool]]:
+    """(text, ends_a_document) of one file in order: each JSONL record's `text` is one
+    document; a plain file is one document, streamed in pieces of about `piece_chars` cut
+    where a line ends and the next one starts with text (byte tokens are the same as for the
+    whole file; word-level tokenizers never merge across such a cut), so a 10 GB .txt file
+    is never one string in memory."""
     if path.endswith(".jsonl"):
-        yield from _jsonl_texts(path)
+        for text in _jsonl_texts(path):
+            yield text, True
         return
+    carry = ""
     with open(path, encoding="utf-8", errors="replace") as handle:
-        yield handle.read()
+        while chunk := handle.read(piece_chars):
+            text = carry + chunk
+            cut = _cut_point(text)
+            if cut > 0:
+                yield text[:cut], False
+                carry = text[cut:]
+            elif len(text) >= 4 * piece_chars:   # no line break for a long way: cut anyway
+                yield text, False
+                carry = ""
+            else:
+                carry = text
+    yield carry, True
+
+
+def _cut_point(text: str) -> int:
+    """Index just after the last newline that a non-newline character follows, or -1."""
+    i = text.rfind("\n")
+    while i >= 0 and (i + 1 >= len(text) or text[i + 1] == "\n"):
+        i = text.rfind("\n", 0, i)
+    return i + 1 if i >= 0 else -1
 
 
 def _jsonl_texts(path: str) -> Iterator[str]:

@@ -194,3 +194,32 @@ def test_stdlib_source_is_capped_and_sorted(tmp_path):
         head = list(handle.read(64))
     assert _tokens(out)[:len(head)] == head
     assert json.loads(open(os.path.join(out, "index.json")).read())["source"]["max_bytes"] == cap
+
+
+@pytest.mark.parametrize("tokenizer", ["byte", "json"])
+def test_a_plain_file_streams_in_pieces_with_the_tokens_of_the_whole(tmp_path, monkeypatch, tokenizer):
+    # A .txt file is one document, but read and tokenized in pieces cut between a line end
+    # and text: a 10 GB file is never one string (it cost 12x its size in RSS as one).
+    import numpy as np
+
+    import engine.data.prepare as prepare_module
+    import engine.data.sources as sources_module
+    from engine.data.tokenizer import load_tokenizer
+    lines = [("hello world again\n" if i % 3 else "\n\nhello\n") for i in range(400)]
+    text = "".join(lines) + "again"
+    (tmp_path / "big.txt").write_text(text, encoding="utf-8")
+    tok_path = "byte" if tokenizer == "byte" else str(make_tokenizer_json(tmp_path / "tokenizer.json"))
+    monkeypatch.setattr(sources_module, "PIECE_CHARS", 100)
+    monkeypatch.setattr(sources_module.iter_pieces, "__defaults__", (100,))
+    pieces = list(sources_module.iter_pieces(str(tmp_path / "big.txt")))
+    assert len(pieces) > 30 and "".join(p for p, _ in pieces) == text
+    assert [end for _, end in pieces].count(True) == 1 and pieces[-1][1]
+    assert all(p.endswith("\n") for p, _ in pieces[:-1])
+    assert not any(p.startswith("\n") for p, _ in pieces[1:])   # cut before text, never in a run of newlines
+    out = prepare_module.prepare_dataset(str(tmp_path / "big.txt"), str(tmp_path / "out"), tok_path,
+                                         progress=False)
+    index = read_index(out)
+    tok = load_tokenizer(tok_path)
+    whole = tok.encode_batch([text])[0] + [tok.eos_id]
+    got = np.fromfile(os.path.join(out, "tokens.bin"), dtype=np.dtype(index["dtype"]).newbyteorder("<"))
+    assert index["n_docs"] == 1 and got.tolist() == whole
