@@ -185,8 +185,9 @@ def _train_steps(spec: JobSpec, trainer: Trainer, dataset: TrainWindows,
                  memory: dict, validate: Callable[[], float]) -> dict:
     record: dict = {}
     train = spec.train
+    rows = trainer.local_batch_rows()     # this rank reads only its DP rank's rows
     for step in range(first_step, train.steps):
-        batch = dataset.batch_at(consumed, train.global_batch_size, train.seed)
+        batch = dataset.batch_at(consumed, train.global_batch_size, train.seed, rows)
         heartbeat.begin_step(step)
         metrics = trainer.train_step(step, batch, stop_requested=watch.requested)
         heartbeat.end_step(step)

@@ -59,16 +59,27 @@ class TokenDataset:
             raise ValueError(f"step={step}, global_batch_size={global_batch_size}: need step >= 0")
         return self.batch_at(step * global_batch_size, global_batch_size, seed)
 
-    def batch_at(self, first_sample: int, global_batch_size: int, seed: int) -> torch.Tensor:
+    def batch_at(self, first_sample: int, global_batch_size: int, seed: int,
+                 rows: list[int] | None = None) -> torch.Tensor:
         """LongTensor [global_batch_size, seq_len + 1]: the run's samples from `first_sample`
-        (the samples consumed so far, engine/data/position.py)."""
+        (the samples consumed so far, engine/data/position.py). With `rows` (a rank's, from
+        Trainer.local_batch_rows) only those rows are read and filled; the others are left
+        uninitialised, never read by that rank (a DP rank reads 1/dp of the batch)."""
         if first_sample < 0 or global_batch_size < 1:
             raise ValueError(f"first_sample={first_sample}, global_batch_size={global_batch_size}: "
                              "need first_sample >= 0, global_batch_size >= 1")
         sample_ids = self.sample_ids(first_sample, global_batch_size, seed)
-        starts = sample_ids.numpy() * self.seq_len
+        if rows is None:
+            return torch.from_numpy(self._windows(sample_ids.numpy()))
+        out = torch.empty(global_batch_size, self.seq_len + 1, dtype=torch.int64)
+        picked = torch.as_tensor(rows, dtype=torch.long)
+        out[picked] = torch.from_numpy(self._windows(sample_ids[picked].numpy()))
+        return out
+
+    def _windows(self, ids: np.ndarray) -> np.ndarray:
+        starts = ids * self.seq_len
         window = starts[:, None] + np.arange(self.seq_len + 1, dtype=np.int64)[None, :]
-        return torch.from_numpy(self._tokens[window].astype(np.int64))
+        return self._tokens[window].astype(np.int64)
 
     def sample_ids(self, first: int, count: int, seed: int) -> torch.Tensor:
         """Window indices of global samples first..first+count-1 (LongTensor [count])."""

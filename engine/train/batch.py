@@ -27,6 +27,14 @@ class MicroBatch:
         return {"inputs": self.inputs, "labels": self.labels, "positions": self.positions}
 
 
+def local_rows(mesh: FoldedMesh, micro_batch_size: int, num_microbatches: int) -> list[int]:
+    """The rows of the global batch that split_microbatches reads on this rank (its DP
+    rank's micro-batches, in order): a data loader need fetch only these."""
+    dp, dp_rank = mesh.config.dp, mesh.rank_in("dp")
+    return [(m * dp + dp_rank) * micro_batch_size + i
+            for m in range(num_microbatches) for i in range(micro_batch_size)]
+
+
 def split_microbatches(global_tokens: torch.Tensor, mesh: FoldedMesh, micro_batch_size: int,
                        num_microbatches: int, device: torch.device) -> list[MicroBatch]:
     dp, dp_rank = mesh.config.dp, mesh.rank_in("dp")

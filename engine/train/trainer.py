@@ -24,7 +24,7 @@ from engine.optim import FoldedOptimizer
 from engine.parallel.axes import Axis
 from engine.parallel.mesh import FoldedMesh
 from engine.parallel.traffic import by_kind
-from engine.train.batch import split_microbatches
+from engine.train.batch import local_rows, split_microbatches
 from engine.train.model_shards import named_parameters
 from engine.train.loss import lm_loss_fn
 from engine.train.phase_clock import PhaseClock
@@ -130,6 +130,10 @@ class Trainer:
         metrics.update({f"time_{phase}_s": s for phase, s in self.clock.seconds().items()})
         self.completed_steps = step + 1
         return metrics
+
+    def local_batch_rows(self) -> list[int]:
+        """The global batch rows train_step reads on this rank (engine/train/batch.py)."""
+        return local_rows(self.mesh, self.train_cfg.micro_batch_size, self.num_microbatches)
 
     def sync_grads(self) -> None:
         """Completes the gradient reductions of the step (overlapped ones started in backward)."""

@@ -2,6 +2,7 @@
 batch size continues the same order at the samples consumed (every window once per epoch),
 the held-out split stays the one training began with, and what changes is said or refused."""
 import pytest
+import torch
 
 from engine.config.train import TrainConfig
 from engine.data import prepare_dataset
@@ -67,3 +68,21 @@ def test_a_dataset_smaller_than_one_global_batch_is_refused_without_eval_too(pre
     with pytest.raises(EvalDataError, match=rf"{n} windows of seq_len {SEQ} are fewer than one global "
                                             rf"batch \({n + 1}\) to train on; lower train.global_batch_size or"):
         TrainWindows(prepared, SEQ, 0, n + 1)
+
+
+def test_a_rank_reads_only_its_rows_and_gets_the_same_micro_batches(prepared):
+    from engine.parallel.config import ParallelConfig
+    from engine.parallel.mesh import FoldedMesh
+    from engine.train.batch import local_rows, split_microbatches
+
+    windows = TrainWindows(prepared, SEQ, 0, 8)
+    whole = windows.batch_at(16, 8, SEED)
+    for dp_rank in range(2):
+        mesh = FoldedMesh(ParallelConfig(world_size=2), rank=dp_rank, create_groups=False)
+        rows = local_rows(mesh, micro_batch_size=2, num_microbatches=2)
+        assert rows == [r + 2 * dp_rank for r in (0, 1, 4, 5)]
+        mine = windows.batch_at(16, 8, SEED, rows)
+        assert torch.equal(mine[rows], whole[rows])
+        got = split_microbatches(mine, mesh, 2, 2, torch.device("cpu"))
+        want = split_microbatches(whole, mesh, 2, 2, torch.device("cpu"))
+        assert all(torch.equal(a.inputs, b.inputs) and torch.equal(a.labels, b.labels) for a, b in zip(got, want))
