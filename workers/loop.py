@@ -25,7 +25,7 @@ from engine.data.eval_data import TrainWindows, held_out_batches, held_out_windo
 from engine.data.index import read_index
 from engine.data.position import data_state, resume_position
 from engine.metrics.peak import mfu, peak_flops_per_device, tflops_per_device
-from engine.metrics.memory import peak_memory_bytes
+from engine.metrics.memory import peak_memory_bytes, reset_peak_memory
 from engine.models.transformer import count_parameters
 from engine.parallel.mesh import FoldedMesh
 from engine.train.evaluate import Evaluator, eval_due
@@ -188,6 +188,7 @@ def _train_steps(spec: JobSpec, trainer: Trainer, dataset: TrainWindows,
     rows = trainer.local_batch_rows()     # this rank reads only its DP rank's rows
     for step in range(first_step, train.steps):
         batch = dataset.batch_at(consumed, train.global_batch_size, train.seed, rows)
+        reset_peak_memory(trainer.device)     # memory/peak_bytes: this step's own peak
         heartbeat.begin_step(step)
         metrics = trainer.train_step(step, batch, stop_requested=watch.requested)
         heartbeat.end_step(step)
