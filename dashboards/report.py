@@ -50,9 +50,12 @@ def _fmt(value: float | None, unit: str = "") -> str:
 
 
 def run_figure(run: Run, key: str, how: str, warmup: bool) -> float | None:
-    values = run.series(key)[1]
-    if warmup and len(values) > 1:
-        values = values[1:]
+    """warmup: leave out the first step of every worker group (the run's first, and each
+    restarted group's, which carries cluster/recovery_s), as the job summary does."""
+    steps, values = run.series(key)
+    if warmup:
+        starts = set(steps[:1]) | set(run.series("cluster/recovery_s")[0])
+        values = [v for s, v in zip(steps, values) if s not in starts] or values
     if not values:
         return None
     return {"last": values[-1], "median": statistics.median(values), "mean": statistics.fmean(values),

@@ -33,7 +33,8 @@ def _record(step, loss, tok_s, restarts=0, dropped=0.0, layer_load=1.5):
 def _run_a():
     # Steps 0..3, then a restart replays step 3 (last wins) and runs steps 4, 5.
     rows = [_record(s, 6.0 - s, t) for s, t in [(0, 100.0), (1, 400.0), (2, 600.0), (3, 500.0)]]
-    rows += [_record(3, 3.0, 300.0, restarts=1), _record(4, 2.0, 300.0, restarts=1, layer_load=2.5),
+    rows += [{**_record(3, 3.0, 300.0, restarts=1), "recovery_s": 30.0},   # the new group's first
+             _record(4, 2.0, 300.0, restarts=1, layer_load=2.5),
              _record(5, 1.5, 350.0, restarts=1)]
     return rows
 
@@ -74,8 +75,9 @@ def test_figures_by_hand(two_runs):
     header, rows = figures_table([load_jsonl(p) for p in two_runs])
     table = {row[0]: row[1:] for row in rows}
     assert header == ["figure", "run-a", "run-b"]
-    # Step 0 is warm-up: tokens/s over steps 1..5 of run a = median(400, 600, 300, 300, 350) = 350.
-    assert table["tokens/s, median"] == ["350", "230"]
+    # The first step of each worker group is warm-up (step 0, and step 3 of the restarted
+    # group of run a, as the job summary counts): median(400, 600, 300, 350) = 375.
+    assert table["tokens/s, median"] == ["375", "230"]
     # Load imbalance mean of run a: (1.5 * 5 + 2.5) / 6 = 1.667; run b: 1.2 + 0.1 * 2.5 = 1.45.
     assert table["load imbalance, mean"] == ["1.667", "1.45"]
     assert table["ep bytes per step, mean"] == ["2.00 KiB", "2.00 KiB"]
