@@ -29,6 +29,7 @@ class ProgressDisplay:
         self.stderr = sys.stderr      # the driver points this at the terminal while Ray's fd 2 is captured
         self._last_print = 0.0
         self._step_times: list[float] = []
+        self._last_record: tuple[int, float | None] | None = None   # (step, time) of the last
         self._progress = None
         self._task = None
         self._status = None
@@ -99,6 +100,16 @@ class ProgressDisplay:
         self._task = self._progress.add_task("train", total=self.total, completed=done, **fields)
         self._progress.start()
 
+    def _seconds_per_step(self, record: dict) -> float:
+        """Wall time since the previous step's record: the step with its data, reporting,
+        evaluation and checkpoint stalls, which step_time_s leaves out (the ETA read short);
+        step_time_s for a group's first step."""
+        previous, self._last_record = self._last_record, (record["step"], record.get("time"))
+        if previous is not None and previous[1] is not None and record.get("time") is not None \
+                and record["step"] > previous[0]:
+            return (record["time"] - previous[1]) / (record["step"] - previous[0])
+        return record.get("step_time_s", 0.0)
+
     def eta_s(self) -> float | None:
         if not self._step_times:
             return None
@@ -107,7 +118,7 @@ class ProgressDisplay:
 
     def update(self, record: dict) -> None:
         done = record["step"] + 1
-        self._step_times.append(record.get("step_time_s", 0.0))
+        self._step_times.append(self._seconds_per_step(record))
         per_step = self.eta_s()
         eta = _eta(per_step * (self.total - done) if per_step is not None else None)
         fields = {"loss": f"{record.get('loss', float('nan')):.4f}",

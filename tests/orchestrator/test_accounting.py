@@ -100,3 +100,16 @@ def test_driver_liveness_is_checked_by_pid_start_time_and_boot():
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True).stdout.strip()
     assert driver_alive({**mine, TAG + "pid": gone}) is False
+
+
+def test_the_eta_counts_the_wall_time_between_steps(capsys):
+    # step_time_s leaves out data, reporting, evaluation and checkpoint stalls: with an
+    # evaluation of 9 s after every 1 s step the ETA must be 10 s a step, not 1 s.
+    from orchestrator.progress import ProgressDisplay
+
+    progress = ProgressDisplay(10, live=False)
+    for step in range(3):
+        progress.update({"step": step, "time": 100.0 + 10 * step, "step_time_s": 1.0, "loss": 1.0})
+    assert progress.eta_s() == (1.0 + 10 + 10) / 3
+    progress.update({"step": 1, "time": 500.0, "step_time_s": 1.0, "loss": 1.0})   # a restarted group
+    assert progress._step_times[-1] == 1.0
