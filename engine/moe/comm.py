@@ -3,6 +3,7 @@
 Variable-size all-gather and reduce-scatter are built on `all_to_all_single`, the one
 collective that takes uneven splits on every backend (gloo's all_gather and
 reduce_scatter need equal sizes); the traffic per rank equals that of the ring versions.
+An all-gather of equal sizes is `all_gather_into_tensor` (no n-fold send copy).
 Backward passes are the adjoint collectives:
     all_to_all(split s -> r)  <->  all_to_all(split r -> s)
     all_gather_v              <->  reduce_scatter_v (sum)
@@ -67,6 +68,14 @@ def all_to_all_v(x: torch.Tensor, send_splits: list[int], recv_splits: list[int]
 
 def _gather_v(x: torch.Tensor, sizes: list[int], group, counter) -> torch.Tensor:
     n = len(sizes)
+    if all(size == x.shape[0] for size in sizes):
+        # Equal sizes (the all-gather dispatcher, always): the collective itself, with no
+        # n-fold send copy; the same bytes and the same values as the all-to-all below.
+        out = x.new_empty((n * x.shape[0],) + tuple(x.shape[1:]))
+        dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+        if counter is not None:
+            counter.add((n - 1) * x.shape[0], x)
+        return out
     return _a2a(x.repeat((n,) + (1,) * (x.dim() - 1)), [x.shape[0]] * n, sizes, group, counter)
 
 

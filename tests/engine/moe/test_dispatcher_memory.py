@@ -51,8 +51,13 @@ def _one_rank_all_to_all(out, x, output_split_sizes=None, input_split_sizes=None
     out.copy_(x)
 
 
+def _one_rank_all_gather(out, x, group=None):
+    out.copy_(x)
+
+
 def _run(monkeypatch, dispatcher) -> WatchedExperts:
     monkeypatch.setattr(dist, "all_to_all_single", _one_rank_all_to_all)
+    monkeypatch.setattr(dist, "all_gather_into_tensor", _one_rank_all_gather)
     torch.manual_seed(0)
     x_th = torch.randn(TOKENS, HIDDEN, requires_grad=True)
     probs_tk, experts_tk = torch.rand(TOKENS, TOP_K), torch.randint(0, EXPERTS, (TOKENS, TOP_K))
