@@ -6,6 +6,7 @@ Every backend module exposes NAME, NATIVE_GQA, is_available(), forward(q, k, v, 
 """
 from __future__ import annotations
 
+import warnings
 from functools import lru_cache
 
 import torch
@@ -55,10 +56,23 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype, head_di
         raise ValueError(f"attention backend {name!r}: expected one of {BACKEND_NAMES}")
     if name == "auto":
         name = _auto_choice(device, dtype, head_dim)
+        if name == "math" and device.type == "cuda":
+            _warn_math_on_cuda(dtype, head_dim)
     reason = _unavailable_reason(name, device, dtype, head_dim)
     if reason is not None:
         raise BackendUnavailableError(f"attention backend {name!r} is unavailable: {reason}")
     return _MODULES[name]
+
+
+@lru_cache(maxsize=None)
+def _warn_math_on_cuda(dtype: torch.dtype, head_dim: int | None) -> None:
+    """Once per (dtype, head dim): math builds the [b, n, s, s] scores in fp32, so a long
+    sequence needs O(s^2) memory (32 GB a tensor at 32K tokens and 8 heads)."""
+    reasons = {n: _unavailable_reason(n, torch.device("cuda"), dtype, head_dim) for n in ("flash_attn", "triton")}
+    warnings.warn("attention backend auto chose math on CUDA (O(seq^2) memory: "
+                  + "; ".join(f"{n}: {r}" for n, r in reasons.items())
+                  + "); install flash-attn or use a head dim of 16/32/64/128 for the Triton kernel",
+                  RuntimeWarning, stacklevel=3)
 
 
 def available_backends(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> list[str]:

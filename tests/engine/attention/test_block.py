@@ -126,9 +126,11 @@ def test_auto_skips_a_kernel_without_the_head_dim(monkeypatch):
     monkeypatch.setattr(backends, "_installed", lambda name: True)
     cuda = torch.device("cuda")
     assert backends.resolve_backend("auto", cuda, torch.float32, 64).NAME == "triton"
-    assert backends.resolve_backend("auto", cuda, torch.float32, 80).NAME == "math"
+    with pytest.warns(RuntimeWarning, match=r"auto chose math on CUDA .*triton: no kernel for head dim 80"):
+        assert backends.resolve_backend("auto", cuda, torch.float32, 80).NAME == "math"
     assert backends.resolve_backend("auto", cuda, torch.bfloat16, 80).NAME == "flash_attn"
-    assert backends.resolve_backend("auto", cuda, torch.bfloat16, 320).NAME == "math"
+    with pytest.warns(RuntimeWarning, match="flash_attn: no kernel for head dim 320"):
+        assert backends.resolve_backend("auto", cuda, torch.bfloat16, 320).NAME == "math"
     with pytest.raises(BackendUnavailableError, match="triton.*no kernel for head dim 96"):
         backends.resolve_backend("triton", cuda, torch.float32, 96)
 
