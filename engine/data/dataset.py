@@ -95,7 +95,10 @@ class TokenDataset:
         key = (seed, epoch)
         if key not in self._perms:
             generator = torch.Generator().manual_seed(_epoch_seed(seed, epoch))
-            self._perms[key] = torch.randperm(self.num_samples, generator=generator)
+            # int32 below 2^31 windows: half the host memory (1 T tokens at seq 2048: 2 GB
+            # a permutation, not 4), and the same permutation as int64 (same generator draws).
+            dtype = torch.int32 if self.num_samples < 2 ** 31 else torch.int64
+            self._perms[key] = torch.randperm(self.num_samples, generator=generator, dtype=dtype)
             while len(self._perms) > _CACHED_EPOCHS:
                 self._perms.popitem(last=False)
         self._perms.move_to_end(key)

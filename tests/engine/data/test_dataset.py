@@ -79,3 +79,16 @@ def test_too_short_data_and_bad_arguments(prepared):
         TokenDataset(prepared, 1001)
     with pytest.raises(ValueError, match="step=-1"):
         TokenDataset(prepared, SEQ).global_batch(-1, 8, seed=0)
+
+
+def test_the_int32_permutation_is_the_int64_one(prepared):
+    # Permutations are kept in int32 (half the host memory at real size); the order must be
+    # the one every earlier run and checkpoint saw, which the int64 randperm gave.
+    from engine.data.dataset import _epoch_seed
+    ds = TokenDataset(prepared, SEQ)
+    for epoch in range(3):
+        kept = ds._epoch_permutation(11, epoch)
+        assert kept.dtype == torch.int32
+        int64 = torch.randperm(ds.num_samples, generator=torch.Generator().manual_seed(_epoch_seed(11, epoch)))
+        assert torch.equal(kept.long(), int64)
+    assert ds.sample_ids(0, 5, 11).dtype == torch.long
