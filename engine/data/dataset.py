@@ -88,7 +88,7 @@ class TokenDataset:
         ids = torch.empty(count, dtype=torch.long)
         for epoch in epochs.unique().tolist():
             in_epoch = epochs == epoch
-            ids[in_epoch] = self._epoch_permutation(seed, epoch)[positions[in_epoch]]
+            ids[in_epoch] = self._epoch_permutation(seed, epoch)[positions[in_epoch]].long()
         return ids
 
     def _epoch_permutation(self, seed: int, epoch: int) -> torch.Tensor:
