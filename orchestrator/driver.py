@@ -68,7 +68,7 @@ def job_dir_for(run: RunConfig) -> str:
 def prepare_data(run: RunConfig, progress: bool) -> str:
     """One-time token file per (source, tokenizer, max_bytes) under data.cache_dir."""
     from engine.data import TokenDataset, prepare_dataset
-    from engine.data.eval_data import held_out_batches
+    from engine.data.eval_data import check_held_out_fits
 
     d = run.schema.data
     source = d.source if d.source == "stdlib" else os.path.abspath(d.source)
@@ -82,7 +82,7 @@ def prepare_data(run: RunConfig, progress: bool) -> str:
                                    progress=progress)
         dataset = TokenDataset(prepared, run.train.seq_len)
         if run.train.eval_every:    # the held-out split fits (engine/data/eval_data.py)
-            held_out_batches(prepared, run.train.seq_len, run.train.eval_batches, run.train.global_batch_size)
+            check_held_out_fits(prepared, run.train.seq_len, run.train.eval_batches, run.train.global_batch_size)
     except (ValueError, OSError) as err:
         raise ConfigError(f"data.source={d.source}: {err}") from None
     if dataset.vocab_size > run.model.vocab_size:

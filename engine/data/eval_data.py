@@ -64,9 +64,10 @@ class TrainWindows(TokenDataset):
         return super().num_samples - self.held_out
 
 
-def held_out_batches(prepared_dir: str, seq_len: int, eval_batches: int,
-                     global_batch_size: int) -> list[EvalBatch]:
-    """The held-out split as `eval_batches` batches of `global_batch_size` windows."""
+def check_held_out_fits(prepared_dir: str, seq_len: int, eval_batches: int,
+                        global_batch_size: int) -> TokenDataset:
+    """The dataset, after checking that the held-out split and one global batch fit (reads
+    only the index: the driver's check before the start)."""
     data = TokenDataset(prepared_dir, seq_len)
     need = eval_batches * global_batch_size
     if data.num_samples < need + global_batch_size:
@@ -74,6 +75,14 @@ def held_out_batches(prepared_dir: str, seq_len: int, eval_batches: int,
             f"{prepared_dir}: {data.num_samples} windows of seq_len {seq_len}; the held-out split "
             f"needs {need} (train.eval_batches x train.global_batch_size) plus one global batch "
             "to train on; lower train.eval_batches or use more data")
+    return data
+
+
+def held_out_batches(prepared_dir: str, seq_len: int, eval_batches: int,
+                     global_batch_size: int) -> list[EvalBatch]:
+    """The held-out split as `eval_batches` batches of `global_batch_size` windows."""
+    data = check_held_out_fits(prepared_dir, seq_len, eval_batches, global_batch_size)
+    need = eval_batches * global_batch_size
     first = data.num_samples - need
     starts = (first + np.arange(need, dtype=np.int64)) * seq_len
     window = starts[:, None] + np.arange(seq_len + 1, dtype=np.int64)[None, :]
