@@ -20,11 +20,11 @@ import yaml
 from pydantic import ValidationError
 
 from engine.config.job import JobSpec
-from engine.config.layout_plan import plan_layout
+from engine.config.layout_plan import check_fits, plan_layout
 from engine.config.model import ModelConfig, get_preset, with_overrides
 from engine.parallel.config import LayoutError, ParallelConfig
 from engine.parallel.ranks import RankLayout
-from engine.config.train import TrainConfig, pipeline_schedule_for
+from engine.config.train import TrainConfig
 
 from .errors import ConfigError
 from .schema import MOE_SIZE_KEYS, RunSchema
@@ -293,16 +293,6 @@ def _check_layout(s: RunSchema, model: ModelConfig, train: TrainConfig, world: i
         parallel = ParallelConfig(world_size=world, **_degrees(s))
     except LayoutError as err:
         raise ConfigError(str(err)) from None
-    try:
-        parallel.validate_for_model(
-            num_heads=model.num_heads, num_kv_heads=model.num_kv_heads,
-            num_experts=model.moe.num_experts, num_layers=model.num_layers,
-            vocab_size=model.vocab_size)
-        train.num_microbatches(parallel.dp)
-        if parallel.pp > 1:
-            pipeline_schedule_for(train.pipeline_schedule, parallel.vpp)
-    except ValueError as err:
-        raise ConfigError(f"{err} (world size {world})") from None
     shards = parallel.tp * parallel.cp * (2 if parallel.cp > 1 else 1)
     if train.seq_len % shards:
         raise ConfigError(
@@ -310,6 +300,12 @@ def _check_layout(s: RunSchema, model: ModelConfig, train: TrainConfig, world: i
             f" = {shards} (sequence-parallel shards{', load-balanced causal CP chunks' if parallel.cp > 1 else ''})")
     if train.seq_len > model.max_seq_len:
         raise ConfigError(f"train.seq_len={train.seq_len}: exceeds model.max_seq_len={model.max_seq_len}")
+    try:
+        # The workers' own check (the interleaved schedule's micro-batches per DP rank a
+        # multiple of pp among it): a layout they would refuse fails here, not in every restart.
+        check_fits(model, train, parallel)
+    except ValueError as err:
+        raise ConfigError(f"{err} (world size {world})") from None
 
 
 def build_run_config(data: dict, default_name: str = "run") -> RunConfig:

@@ -92,6 +92,10 @@ BAD = [
      "train.pipeline_schedule=1f1b runs one chunk per rank; parallel.vpp=2 needs"),
     (["parallel.tp=1", "parallel.ep=2", "parallel.pp=2", "train.pipeline_schedule=interleaved"],
      "train.pipeline_schedule=interleaved needs parallel.vpp > 1"),
+    # the workers' rule, refused here rather than by every restarted group
+    (["parallel.tp=1", "parallel.ep=2", "parallel.pp=2", "parallel.vpp=2", "train.global_batch_size=6",
+      "train.micro_batch_size=1"],
+     "interleaved 1F1B with pp=2 needs the micro-batches per DP rank (3) to be a multiple of pp (world size 4)"),
 ]
 
 
