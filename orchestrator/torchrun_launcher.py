@@ -261,7 +261,8 @@ class TorchrunLauncher:
         if timeout_s is None:
             timeout_s = self.run.schema.checkpoint.preempt_grace_s
         self._stopping.set()
-        group = self._group
+        with self._lock:    # a group being spawned right now is stored first, then torn down
+            group = self._group
         if group is not None:
             group.teardown(grace_s=timeout_s)
         if self._thread is not None:
