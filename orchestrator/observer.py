@@ -224,6 +224,7 @@ class JobObserver:
             s.first_step_at = record["time"]
         if self._first_step_of_group:
             self.progress.end_phase(record["time"])
+            self.progress.new_group()       # the recovery is not a step's time (the ETA)
         elif isinstance(record.get("tokens_per_s"), (int, float)):
             # steady state: the first step of each worker group is warm-up
             s.steady_tokens_per_s.append(float(record["tokens_per_s"]))

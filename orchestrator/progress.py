@@ -100,6 +100,11 @@ class ProgressDisplay:
         self._task = self._progress.add_task("train", total=self.total, completed=done, **fields)
         self._progress.start()
 
+    def new_group(self) -> None:
+        """A worker group starts: its first step's wall time since the last record is the
+        restart, not a step."""
+        self._last_record = None
+
     def _seconds_per_step(self, record: dict) -> float:
         """Wall time since the previous step's record: the step with its data, reporting,
         evaluation and checkpoint stalls, which step_time_s leaves out (the ETA read short);

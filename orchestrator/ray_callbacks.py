@@ -12,6 +12,8 @@ from ray.train.v2._internal.execution.callback import WorkerGroupCallback
 
 from workers.events import EventWriter
 
+from .errors import describe_error
+
 try:   # Ray Train V2's controller hooks: a DeveloperAPI (RayTrainCallback), not UserCallback's
     from ray.train.v2._internal.execution.callback import ControllerCallback
     from ray.train.v2._internal.execution.controller.state import (ReschedulingState, ResizingState,
@@ -50,7 +52,7 @@ class FailureRelay(WorkerGroupCallback):
             return
         self._failed_group = self.groups
         self.failures += 1
-        texts = {str(rank): f"{type(err).__name__}: {err}"[:500] for rank, err in errors.items()}
+        texts = {str(rank): describe_error(err)[:500] for rank, err in errors.items()}
         first = next(iter(texts.values()), "?").splitlines()[0][:200]
         EventWriter(self.events_path).write("failure", failures=self.failures, group=self.groups,
                                             errors=texts, error=first)

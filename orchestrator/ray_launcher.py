@@ -22,6 +22,7 @@ import ray
 from engine.config.job import JobSpec
 
 from .config import RunConfig as FoldRunConfig
+from .errors import describe_error
 from .local_ray import join_ray, start_local_ray
 from .loopback import is_loopback
 from .preflight import ClusterSupply, JobNeeds, host_cores
@@ -206,7 +207,7 @@ class RayLauncher:
             trainer.fit()
             self._rc = 0
         except BaseException as err:  # noqa: BLE001 - reported by the driver
-            self.error = f"{type(err).__name__}: {err}"
+            self.error = describe_error(err)
             self._rc = 1
         finally:
             for key in env:

@@ -113,3 +113,25 @@ def test_the_eta_counts_the_wall_time_between_steps(capsys):
     assert progress.eta_s() == (1.0 + 10 + 10) / 3
     progress.update({"step": 1, "time": 500.0, "step_time_s": 1.0, "loss": 1.0})   # a restarted group
     assert progress._step_times[-1] == 1.0
+    progress.new_group()                      # a group resumed right after the last step
+    progress.update({"step": 3, "time": 900.0, "step_time_s": 1.0, "loss": 1.0})
+    assert progress._step_times[-1] == 1.0    # the recovery is not counted as a step
+
+
+def test_ray_trains_wrapped_errors_read_as_what_the_workers_raised():
+    # Ray Train V2 wraps a worker's exception in UserExceptionWithTraceback (its str() is the
+    # whole traceback) and a failed fit() in a WorkerGroupError holding each rank's.
+    from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    from orchestrator.errors import describe_error
+    try:
+        raise OSError(28, "No space left on device")
+    except OSError as err:
+        import traceback
+        wrapped = UserExceptionWithTraceback(err, traceback.format_exc())
+    assert str(wrapped).startswith("Traceback (most recent call last):")
+    assert describe_error(wrapped) == "OSError: [Errno 28] No space left on device"
+    group = WorkerGroupError("Training failed due to worker errors:\n...", {1: wrapped, 3: RuntimeError("x")})
+    assert describe_error(group) == "rank 1: OSError: [Errno 28] No space left on device"
+    assert describe_error(RuntimeError("plain")) == "RuntimeError: plain"
