@@ -33,7 +33,7 @@ from engine.train.host_allocator import retain_freed_host_memory
 from engine.train.state import layout_of
 from engine.train.trainer import Trainer
 from workers.checkpoint_resume import resume_newest_verified
-from workers.preemption import Preempted, PreemptionWatch
+from workers.preemption import STOP_SAVE_KEY, Preempted, PreemptionWatch
 from workers.heartbeat import Heartbeat
 
 
@@ -209,7 +209,9 @@ def _train_steps(spec: JobSpec, trainer: Trainer, dataset: TrainWindows,
             # The last and the preemption save are waited for: the process exits next.
             background = spec.checkpoint_async and not preempted and step + 1 < train.steps
             save_start = time.perf_counter()
-            path = manager.save(step + 1, trainer.checkpoint_state(), background=background)
+            state = trainer.checkpoint_state()
+            state["meta"][STOP_SAVE_KEY] = preempted      # what a stopping driver waits for
+            path = manager.save(step + 1, state, background=background)
             if not background:
                 manager.flush()
             record["checkpoint_stall_s"] = time.perf_counter() - save_start

@@ -23,6 +23,7 @@ import time
 
 EXIT_PREEMPTED = 128 + signal.SIGTERM   # what a shell reports for "terminated by SIGTERM"
 REQUEST_FILE = "preempt.request"
+STOP_SAVE_KEY = "stop_save"     # in a checkpoint's meta: the save a stop or preemption asked for
 _REQUEST_POLL_S = 0.2
 
 

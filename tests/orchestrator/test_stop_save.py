@@ -8,15 +8,15 @@ import threading
 import time
 
 from engine.checkpoint import CheckpointManager
-from orchestrator.stop_save import save_before_stop
-from workers.preemption import PreemptionWatch
+from orchestrator.stop_save import is_stop_save, save_before_stop
+from workers.preemption import STOP_SAVE_KEY, PreemptionWatch
 
 from ..engine.checkpoint.test_manager import _state
 
 
 def _worker_group(job_dir, ckpt_dir, stop: threading.Event):
     """Rank 0 of a one-rank group: a step every 50 ms, a save when the watch asks."""
-    manager = CheckpointManager(str(ckpt_dir), keep=2, rank=0, world_size=1, barrier=lambda: None)
+    manager = CheckpointManager(str(ckpt_dir), keep=0, rank=0, world_size=1, barrier=lambda: None)
     manager.save(1, _state(1))
     watch = PreemptionWatch(str(job_dir), rank=0, grace_s=25)
     step = 1
@@ -24,7 +24,12 @@ def _worker_group(job_dir, ckpt_dir, stop: threading.Event):
         time.sleep(0.05)
         step += 1
         if watch.requested():
+            # A periodic save in flight at the signal lands first; the driver must not take it.
             manager.save(step, _state(step))
+            time.sleep(0.3)
+            state = _state(step + 1)
+            state["meta"][STOP_SAVE_KEY] = True
+            manager.save(step + 1, state)
             return
 
 
@@ -41,6 +46,7 @@ def test_the_driver_asks_and_waits_for_the_new_checkpoint(tmp_path):
         stop.set()
         group.join(10)
     assert saved is not None and os.path.basename(saved) > "step00000001"
+    assert is_stop_save(saved) and len(os.listdir(tmp_path / "ckpt")) == 3   # not the periodic one
     assert (tmp_path / "preempt.request").is_file()
 
 
