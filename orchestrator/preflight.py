@@ -157,7 +157,18 @@ def check_cpu_oversubscription(run: RunConfig, supply: ClusterSupply) -> list[Fi
         "give truer figures"))]
 
 
-CHECKS: list[Check] = [check_worker_resources, check_cpu_oversubscription]
+def check_elastic_checkpoints(run: RunConfig, supply: ClusterSupply) -> list[Finding]:
+    """An elastic group restarts at every resize (and failure) from the newest checkpoint:
+    without periodic ones, each restart goes back to step 0."""
+    ckpt = run.schema.checkpoint
+    if not isinstance(run.schema.cluster.num_workers, list) or ckpt.every_steps > 0:
+        return []
+    return [Finding("warn", (
+        f"{_workers_key(run)} is elastic but checkpoint.every_steps=0: every resize or failure "
+        "restarts the job at step 0 (set checkpoint.every_steps)"))]
+
+
+CHECKS: list[Check] = [check_worker_resources, check_cpu_oversubscription, check_elastic_checkpoints]
 
 
 def run_preflight(run: RunConfig, supply: ClusterSupply, checks: list[Check] | None = None) -> list[str]:

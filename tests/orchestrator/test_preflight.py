@@ -101,3 +101,14 @@ def test_another_check_is_one_more_function():
 
     with pytest.raises(PreflightError, match="^GPU memory: "):
         run_preflight(load_config(TINY), _cluster(cpus=8), [*CHECKS, check_device_memory])
+
+
+def test_an_elastic_run_without_periodic_checkpoints_is_warned():
+    from orchestrator.preflight import check_elastic_checkpoints
+    elastic = load_config(TINY, ["cluster.num_workers=[2, 4]", "train.global_batch_size=24", "checkpoint.every_steps=0"])
+    (warning,) = check_elastic_checkpoints(elastic, _cluster(cpus=8))
+    assert warning.message == ("cluster.num_workers=[2, 4] is elastic but checkpoint.every_steps=0: every "
+                               "resize or failure restarts the job at step 0 (set checkpoint.every_steps)")
+    assert check_elastic_checkpoints(load_config(TINY, ["cluster.num_workers=[2, 4]", "train.global_batch_size=24", "checkpoint.every_steps=5"]),
+                                     _cluster(cpus=8)) == []
+    assert check_elastic_checkpoints(load_config(TINY, ["checkpoint.every_steps=0"]), _cluster(cpus=8)) == []
